@@ -1,0 +1,5 @@
+import sys
+
+from sdswarm.cli import main
+
+sys.exit(main())

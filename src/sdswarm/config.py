@@ -1,0 +1,180 @@
+"""The training config: YAML in, a typed and validated `Config` out.
+
+The how-to's 17 keys stay flat at the top level with their names and meaning, so its
+`configs/sd_1-5.yaml` loads unchanged. What this project adds lives in sections (`data`,
+`train`, `output`, `swarm`), each with defaults here, in one visible place.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field("builtin:demo", description="folder of image + JSON pairs, or builtin:demo")
+    workdir: Path | None = Field(None, description="where pairs land as image + .txt; default OUTPUT/workdir")
+    images_per_chunk: PositiveInt = Field(1000, description="pairs trained per chunk before the next is drawn")
+    caption_categories: list[Literal["character", "copyright", "general", "artist", "meta"]] = Field(
+        default_factory=lambda: ["character", "copyright", "general"]
+    )
+    bucket_step: Literal[8, 16, 32, 64] = Field(64, description="bucket sides are multiples of this (pixels)")
+    bucket_max_ratio: Annotated[float, Field(ge=1, le=4)] = 2.0
+    loader_workers: Annotated[int, Field(ge=0, le=32)] = Field(2, description="processes decoding images ahead")
+
+
+class TrainConfig(Section):
+    batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="samples per local step")
+    max_steps: PositiveInt | None = Field(None, description="stop after this many local steps; none: run on")
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OutputConfig(Section):
+    dir: Path = Path("output")
+    checkpoint_every: PositiveInt = Field(1000, description="local steps between checkpoints")
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 3
+    sample_every: PositiveInt = Field(500, description="local steps between sample grids")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["1girl, solo, smile", "landscape, sky, cloud", "cat, animal focus", "no humans"],
+        min_length=1,
+    )
+    sample_steps: Annotated[int, Field(ge=1, le=200)] = 25
+    sample_guidance: Annotated[float, Field(ge=1, le=30)] = 7.0
+    log_every: PositiveInt = 10
+
+
+class SwarmConfig(Section):
+    run_id: str = Field("testrun", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    target_batch_size: PositiveInt = 75000
+    matchmaking_time: Seconds = 260.0
+    averaging_timeout: Seconds = 1200.0
+    allreduce_timeout: Seconds = 1200.0
+    load_state_timeout: Seconds = 1200.0
+    compression: Literal["none", "fp16", "uniform8bit"] = "fp16"
+    average_state_every: PositiveInt = 1
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], min_length=1)
+    announce_maddrs: list[str] = Field(default_factory=list)
+    initial_peers: list[str] = Field(default_factory=list)
+
+
+class Config(Section):
+    # --- the how-to's keys ---
+    model: str = Field(min_length=1, description="hub id, local diffusers folder, or builtin:tiny")
+    extended_chunks: Annotated[int, Field(ge=1, le=8)] = 1
+    clip_penultimate: bool = False
+    fp16: bool = False
+    resolution: Annotated[int, Field(ge=32, le=4096, multiple_of=8)] = 512
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42
+    train_text_encoder: bool = False
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    ucg: Annotated[float, Field(ge=0, le=1)] = 0.1
+    use_ema: bool = False
+    opt_betas_one: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    opt_betas_two: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    opt_epsilon: Annotated[float, Field(gt=0, le=1)] = 1e-8
+    opt_weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-2
+    buckets_shuffle: bool = True
+    buckets_side_min: Annotated[int, Field(ge=8, le=4096)] = 256
+    buckets_side_max: Annotated[int, Field(ge=8, le=4096)] = 512
+    # --- this project's sections ---
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> Config:
+        step = self.data.bucket_step
+        if self.buckets_side_min > self.buckets_side_max:
+            raise ValueError(
+                f"buckets_side_min ({self.buckets_side_min}) must not exceed buckets_side_max ({self.buckets_side_max})"
+            )
+        for key in ("buckets_side_min", "buckets_side_max", "resolution"):
+            if getattr(self, key) % step:
+                raise ValueError(f"{key} ({getattr(self, key)}) must be a multiple of data.bucket_step ({step})")
+        if self.buckets_side_min > self.resolution:
+            raise ValueError(
+                f"buckets_side_min ({self.buckets_side_min}) must not exceed resolution ({self.resolution})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a mapping (e.g. parsed YAML) into a Config, or raise ConfigError naming each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config file; `overrides` (dotted keys, e.g. {"train.max_steps": 10}) win over the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = {} if data is None else data
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value)
+    return parse_config(data, source=str(path))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'{_suggest(err['loc'])}"
+    if err["type"] == "missing":
+        return f"key '{key}' is required"
+    message = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a cross-key rule; its message names the keys
+        return message
+    return f"key '{key}': value {err['input']!r} is not allowed: {message}"
+
+
+def _suggest(loc: tuple) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} (known keys here: {', '.join(known)})"

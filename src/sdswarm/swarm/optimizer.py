@@ -1,0 +1,83 @@
+"""hivemind.Optimizer from config: peers accumulate samples up to the target batch, then average."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import hivemind
+import torch
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+
+from sdswarm.config import SwarmConfig
+
+COMPRESSIONS: dict[str, type[CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "uniform8bit": Uniform8BitQuantization,
+}
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradient it is about to apply.
+
+    hivemind hands the inner optimizer the swarm-averaged gradient, so the norm is clipped
+    once per global step on the gradient that is really applied (not on each peer's micro-batch).
+    """
+
+    def __init__(self, params, *, max_grad_norm: float | None, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_grad_norm is not None:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        return super().step(closure)
+
+
+def make_optimizer(
+    *,
+    dht: hivemind.DHT,
+    params: Iterable[torch.nn.Parameter],
+    swarm: SwarmConfig,
+    batch_size_per_step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    max_grad_norm: float | None,
+    verbose: bool = True,
+) -> hivemind.Optimizer:
+    """Only trainable tensors may be given: hivemind would average frozen ones too.
+
+    The lr is the config's, the same on every peer: hivemind already averages the gradient over
+    the samples of all peers, so no peer scales it by its own batch size.
+    """
+    compression = COMPRESSIONS[swarm.compression]()
+
+    def inner_optimizer(parameters):
+        return ClippedAdamW(
+            parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm
+        )
+
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=swarm.run_id,
+        params=list(params),
+        optimizer=inner_optimizer,
+        batch_size_per_step=batch_size_per_step,
+        target_batch_size=swarm.target_batch_size,
+        use_local_updates=False,
+        matchmaking_time=swarm.matchmaking_time,
+        averaging_timeout=swarm.averaging_timeout,
+        allreduce_timeout=swarm.allreduce_timeout,
+        load_state_timeout=swarm.load_state_timeout,
+        average_state_every=swarm.average_state_every,
+        grad_compression=compression,
+        state_averaging_compression=compression,
+        # hivemind.Optimizer drops a given client_mode in favour of None; pass the DHT's own explicitly
+        client_mode=dht.client_mode,
+        verbose=verbose,
+    )

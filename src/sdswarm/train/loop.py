@@ -1,0 +1,232 @@
+"""The training loop: batches in, hivemind steps, checkpoints and sample grids out. Reads top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from tqdm.auto import tqdm
+
+from sdswarm.data.loader import Batch, BatchStream
+from sdswarm.model.ema import EMA
+from sdswarm.model.loading import SDComponents
+from sdswarm.model.text import PromptEncoder, drop_captions
+from sdswarm.train.checkpoint import Checkpoints
+from sdswarm.train.samples import render_grid, save_image
+from sdswarm.train.step import diffusion_loss, encode_latents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int | None
+    checkpoint_every: int
+    sample_every: int
+    log_every: int
+    ucg: float
+    fp16: bool
+    seed: int
+    sample_prompts: Sequence[str]
+    sample_size: tuple[int, int]
+    sample_steps: int
+    sample_guidance: float
+
+
+@dataclass
+class Progress:
+    """What the trainer publishes about itself; readers (log, metrics, UI) only read it."""
+
+    step: int = 0  # local steps (batches) trained
+    samples_seen: int = 0
+    data_pass: int = 0  # where the batch stream resumes
+    data_batch: int = 0
+    skipped_steps: int = 0  # non-finite loss or fp16 overflow
+    loss: float = math.nan
+    loss_avg: float = math.nan  # exponential moving average of the loss
+    samples_per_second: float = 0.0
+    local_epoch: int = 0
+    swarm_epoch: int = 0
+    swarm_samples: int = 0  # samples the swarm has collected toward the target batch
+    target_batch_size: int = 0
+    checkpoints: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        components: SDComponents,
+        encoder: PromptEncoder,
+        train_text_encoder: bool,
+        stream: BatchStream,
+        optimizer: hivemind.Optimizer,
+        trainable: Sequence[torch.nn.Parameter],
+        ema: EMA | None,
+        checkpoints: Checkpoints,
+        settings: LoopSettings,
+        output_dir: Path,
+        config_yaml: str,
+        device: torch.device,
+    ) -> None:
+        self.components, self.encoder, self.train_text_encoder = components, encoder, train_text_encoder
+        self.stream, self.optimizer, self.trainable, self.ema = stream, optimizer, list(trainable), ema
+        self.checkpoints, self.settings, self.config_yaml, self.device = checkpoints, settings, config_yaml, device
+        self.output_dir = Path(output_dir)
+        self.noise_generator = torch.Generator(device).manual_seed(settings.seed)
+        self.caption_rng = random.Random(settings.seed)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=settings.fp16 and device.type == "cuda")
+        self.progress = Progress(target_batch_size=optimizer.target_batch_size)
+        self._last_saved_step = -1
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> Progress:
+        """Train until max_steps or until `stop` is set; always ends with a checkpoint and a sample grid."""
+        s, p = self.settings, self.progress
+        self.components.unet.train()
+        self.components.text_encoder.train(self.train_text_encoder)
+        bar = tqdm(total=s.max_steps, initial=p.step, unit="step", dynamic_ncols=True, desc="training")
+        window_start, window_samples = time.perf_counter(), 0
+        try:
+            batches = self.stream.iterate(p.data_pass, p.data_batch)
+            while not stop.is_set() and (s.max_steps is None or p.step < s.max_steps):
+                data_pass, data_batch, batch = next(batches)
+                loss = self.train_step(batch)
+                p.step += 1
+                p.samples_seen += len(batch.captions)
+                p.data_pass, p.data_batch = data_pass, data_batch + 1
+                window_samples += len(batch.captions)
+                self._record_loss(loss)
+                if p.step % s.log_every == 0 or p.step == s.max_steps:
+                    now = time.perf_counter()
+                    p.samples_per_second = window_samples / max(now - window_start, 1e-9)
+                    window_start, window_samples = now, 0
+                    self._publish(bar)
+                bar.update(1)
+                if p.step % s.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if p.step % s.sample_every == 0:
+                    self.save_samples()
+        except BaseException:
+            log.exception("training stopped by an error at step %d; saving a checkpoint", p.step)
+            with contextlib.suppress(Exception):
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        if stop.is_set():
+            log.info("stop requested at step %d: saving a checkpoint", p.step)
+        self.save_checkpoint()
+        self.save_samples()
+        return p
+
+    def train_step(self, batch: Batch) -> float:
+        """One local step: loss, backward, hand the gradient to hivemind (which steps when the swarm is ready)."""
+        c = self.components
+        captions = drop_captions(batch.captions, self.settings.ucg, self.caption_rng)
+        pixels = batch.pixels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
+            latents = encode_latents(c.vae, pixels, self.noise_generator)
+            with torch.set_grad_enabled(self.train_text_encoder):
+                embeddings = self.encoder(captions)
+            loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeddings, self.noise_generator)
+        if not torch.isfinite(loss):  # never hand a NaN to the swarm
+            log.warning("non-finite loss %s at step %d: batch skipped", loss.item(), self.progress.step + 1)
+            self.progress.skipped_steps += 1
+            return math.nan
+        self.scaler.scale(loss).backward()
+        epoch_before, scale_before = self.optimizer.local_epoch, self.scaler.get_scale()
+        # unscales the gradient first (so hivemind accumulates and the inner AdamW clips true gradients),
+        # skips the step on fp16 overflow; without fp16 it is a plain optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
+            self.progress.skipped_steps += 1
+        if self.ema is not None and self.optimizer.local_epoch != epoch_before:
+            self.ema.update(self.trainable)  # the weights change only when the swarm steps
+        return loss.item()
+
+    # --- outputs ----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        if self.progress.step == self._last_saved_step:
+            return None
+        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), self.config_yaml)
+        self._last_saved_step = self.progress.step
+        self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
+        return path
+
+    def save_samples(self) -> Path:
+        s = self.settings
+        swap = self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext()
+        with swap:
+            grid = render_grid(
+                self.components, self.encoder, s.sample_prompts, width=s.sample_size[0], height=s.sample_size[1],
+                steps=s.sample_steps, guidance=s.sample_guidance, seed=s.seed,
+            )
+        return save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
+
+    def _record_loss(self, loss: float) -> None:
+        p = self.progress
+        p.loss = loss
+        if math.isfinite(loss):
+            p.loss_avg = loss if math.isnan(p.loss_avg) else 0.95 * p.loss_avg + 0.05 * loss
+
+    def _publish(self, bar: tqdm) -> None:
+        p, tracker = self.progress, self.optimizer.tracker
+        p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
+        p.swarm_samples = tracker.global_progress.samples_accumulated
+        bar.set_postfix(
+            loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
+            epoch=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
+            refresh=False,
+        )
+        record = {k: v for k, v in asdict(p).items() if k != "checkpoints"}
+        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if not bar.disable and bar.fp.isatty():
+            return
+        log.info(
+            "step %d  loss %.4f (avg %.4f)  %.1f samples/s  epoch %d (swarm %d)  %d/%d samples toward the target",
+            p.step, p.loss, p.loss_avg, p.samples_per_second, p.local_epoch, p.swarm_epoch,
+            p.swarm_samples, p.target_batch_size,
+        )
+
+    # --- resume -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_pass", "data_batch",
+                                                     "skipped_steps", "loss_avg")},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": {"noise": self.noise_generator.get_state(), "captions": self.caption_rng.getstate()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state["progress"].items():
+            setattr(self.progress, key, value)
+        self._last_saved_step = self.progress.step
+        self.optimizer.load_state_dict(state["optimizer"])
+        # tell the swarm our restored epoch right away, or hivemind takes us for out of sync
+        self.optimizer.tracker.report_local_progress(self.optimizer.local_epoch, 0)
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.noise_generator.set_state(state["rng"]["noise"])
+        self.caption_rng.setstate(state["rng"]["captions"])

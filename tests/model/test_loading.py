@@ -1,0 +1,199 @@
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdswarm.model import loading
+from sdswarm.model.loading import (
+    TINY_MODEL_ID,
+    TOKENIZER_ASSETS,
+    SDComponents,
+    build_tiny_model,
+    default_cache_dir,
+    load_components,
+    tiny_tokenizer,
+)
+
+WEIGHT_FILES = (
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Safety net: nothing in these tests may touch ~/.cache.
+    monkeypatch.setenv("SDSWARM_CACHE", str(tmp_path / "sdswarm-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for rel in WEIGHT_FILES:
+        out.update({f"{rel}:{k}": v for k, v in load_file(path / rel).items()})
+    return out
+
+
+def test_tokenizer_assets_are_contiguous() -> None:
+    vocab = json.loads((TOKENIZER_ASSETS / "vocab.json").read_text(encoding="utf-8"))
+    merges = (TOKENIZER_ASSETS / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(vocab.values()) == list(range(2048))
+    assert merges[0] == "#version: 0.2" and len(merges) - 1 == 2048 - 514
+    assert vocab["<|startoftext|>"] == 2046 and vocab["<|endoftext|>"] == 2047
+
+
+def test_tokenizer_is_real_bpe() -> None:
+    tok = tiny_tokenizer()
+    ids = tok("a red circle on a blue background").input_ids
+    assert ids[0] == tok.bos_token_id == 2046 and ids[-1] == tok.eos_token_id == 2047
+    assert tok.convert_ids_to_tokens(ids[1:3]) == ["a</w>", "red</w>"]
+    # A word far outside the 2048-token vocab must be split into several sub-tokens, not mapped to unk.
+    word = tok("supercalifragilistic").input_ids[1:-1]
+    assert len(word) > 3 and tok.unk_token_id not in word
+    assert tok.decode(word).strip() == "supercalifragilistic"
+    padded = tok("a cat", padding="max_length", truncation=True, return_tensors="pt").input_ids
+    assert padded.shape == (1, 77) and tok.pad_token == "<|endoftext|>"
+    assert (padded[0, 4:] == tok.pad_token_id).all()
+    long = tok("cat " * 200, padding="max_length", truncation=True).input_ids
+    assert len(long) == 77 and long[-1] == tok.eos_token_id
+
+
+def test_tiny_pipeline_renders(tiny_path: Path) -> None:
+    assert {p.name for p in tiny_path.iterdir()} >= {"model_index.json", *loading.SUBFOLDERS}
+    assert not list(tiny_path.parent.glob(".*tmp-*")), "temp build dir left behind"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_path))
+    assert pipe.safety_checker is None
+    out = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    image = out.images[0]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 1
+
+
+def test_load_components_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    real_build = loading.build_tiny_model
+
+    def counting_build(path: Path, seed: int = 0) -> Path:
+        calls.append(path)
+        return real_build(path, seed)
+
+    monkeypatch.setattr(loading, "build_tiny_model", counting_build)
+    first = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
+    assert calls == [tmp_path / "tiny-sd-v1"]
+    mtime = (tmp_path / "tiny-sd-v1" / "model_index.json").stat().st_mtime_ns
+    second = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
+    assert len(calls) == 1
+    assert (tmp_path / "tiny-sd-v1" / "model_index.json").stat().st_mtime_ns == mtime
+
+    for comps in (first, second):
+        assert isinstance(comps, SDComponents)
+        assert isinstance(comps.unet, UNet2DConditionModel) and isinstance(comps.vae, AutoencoderKL)
+        assert isinstance(comps.text_encoder, CLIPTextModel) and isinstance(comps.tokenizer, CLIPTokenizer)
+        assert isinstance(comps.noise_scheduler, DDPMScheduler)
+        for module in (comps.unet, comps.vae, comps.text_encoder):
+            assert all(p.dtype == torch.float32 for p in module.parameters())
+    tok = second.tokenizer
+    assert tok.model_max_length == 77 and tok.pad_token == "<|endoftext|>"
+    assert tok("a red circle").input_ids == tiny_tokenizer()("a red circle").input_ids
+    sched = second.noise_scheduler.config
+    assert (sched.num_train_timesteps, sched.prediction_type, sched.beta_schedule) == (
+        1000,
+        "epsilon",
+        "scaled_linear",
+    )
+
+
+def test_loaded_parts_fit_together(tiny_path: Path) -> None:
+    comps = load_components(str(tiny_path))
+    ids = comps.tokenizer(["a blue square"], padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = comps.text_encoder(ids.input_ids)[0]
+        image = torch.rand(2, 3, 64, 64) * 2 - 1
+        latents = comps.vae.encode(image).latent_dist.sample() * comps.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.tensor([10, 900])
+        noisy = comps.noise_scheduler.add_noise(latents, noise, t)
+        pred = comps.unet(noisy, t, hidden.expand(2, -1, -1)).sample
+    assert hidden.shape == (1, 77, 32)
+    assert latents.shape == (2, 4, 32, 32) and torch.isfinite(latents).all()
+    assert latents.abs().max() < 10  # a random VAE must still give SD-like small latents
+    assert pred.shape == latents.shape and torch.isfinite(pred).all()
+
+
+def test_same_seed_same_weights(tmp_path: Path, tiny_path: Path) -> None:
+    ref = _weights(tiny_path)
+    again = _weights(build_tiny_model(tmp_path / "again", seed=0))
+    assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
+    other = _weights(build_tiny_model(tmp_path / "other", seed=1))
+    assert any(not torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_build_keeps_existing_folder(tmp_path: Path) -> None:
+    target = build_tiny_model(tmp_path / "m", seed=0)
+    before = (target / "model_index.json").stat().st_mtime_ns
+    weights = _weights(target)
+    # A late builder losing the race must discard its copy, not clobber or nest inside the winner's.
+    assert build_tiny_model(target, seed=1) == target
+    assert (target / "model_index.json").stat().st_mtime_ns == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    after = _weights(target)
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+
+def test_concurrent_builders(tmp_path: Path) -> None:
+    target = tmp_path / "race"
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            build_tiny_model(target)
+        except BaseException as e:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert sorted(os.listdir(tmp_path)) == ["race"]
+    assert isinstance(load_components(str(target)), SDComponents)
+
+
+def test_missing_folder_names_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_components(str(missing))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_components("./nowhere/at/all")
+
+
+def test_folder_without_layout_names_path(tmp_path: Path) -> None:
+    bad = tmp_path / "not-diffusers"
+    (bad / "unet").mkdir(parents=True)
+    with pytest.raises(ValueError, match=str(bad)) as err:
+        load_components(str(bad))
+    assert "text_encoder" in str(err.value)
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SDSWARM_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("SDSWARM_CACHE")
+    assert default_cache_dir() == tmp_path / "xdg" / "sdswarm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "sdswarm"
