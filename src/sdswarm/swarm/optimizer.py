@@ -62,7 +62,7 @@ def make_optimizer(
             parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm
         )
 
-    return hivemind.Optimizer(
+    optimizer = hivemind.Optimizer(
         dht=dht,
         run_id=swarm.run_id,
         params=list(params),
@@ -81,3 +81,24 @@ def make_optimizer(
         client_mode=dht.client_mode,
         verbose=verbose,
     )
+    _undo_virtual_step(optimizer)
+    return optimizer
+
+
+@torch.no_grad()
+def _undo_virtual_step(optimizer: hivemind.Optimizer) -> None:
+    """hivemind creates the optimizer's state with one virtual zero-gradient step. It leaves AdamW's step
+    count at 1, so the first real update would be bias-corrected as a second one (about 0.74x too small),
+    and it applies weight decay once to the optimizer's copy of the weights. Undo both, so the first swarm
+    step is exactly a first AdamW step."""
+    inner = optimizer.opt
+    for state in inner.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            step.zero_()
+        elif step is not None:
+            state["step"] = 0
+    copies = [param for group in inner.param_groups for param in group["params"]]
+    for copy, main in zip(copies, optimizer.state_averager.main_parameters, strict=True):
+        if copy is not main:  # offloaded: the optimizer steps its own copy and writes it back
+            copy.copy_(main)
