@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 from sdswarm.config import Config, load_config
+from sdswarm.swarm.settings import NodeSettings
+
+# test nodes listen on loopback only, on ports the system picks
+LOOPBACK = NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=0, dht_port_internal=0)
 
 ROOT = Path(__file__).resolve().parents[1]
 

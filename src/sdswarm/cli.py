@@ -1,4 +1,4 @@
-"""Command line: `sdswarm mother CONFIG`, and `python server.py -m CONFIG` as in the how-to."""
+"""Command line: mother, join, status, settings; and `python server.py -m CONFIG` / `-j ADDRESS` as in the how-to."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import transformers
 import yaml
@@ -14,22 +15,27 @@ from sdswarm.config import ConfigError, load_config
 
 log = logging.getLogger("sdswarm")
 
+# What a joining node may set for itself; everything else is the swarm's and comes from the relay.
+JOINER_KEYS = ("output.", "data.workdir", "data.loader_workers", "data.source", "train.device", "train.batch_size",
+               "train.max_steps")
+DEFAULT_JOIN_OUTPUT = "output/joined"
 
-def parse_overrides(pairs: Sequence[str]) -> dict:
-    """`--set train.max_steps=20` -> {"train.max_steps": 20}; values are read as YAML."""
-    overrides = {}
+
+def parse_pairs(pairs: Sequence[str], flag: str) -> dict:
+    """`KEY=VALUE` strings -> {"KEY": value}; values are read as YAML (numbers, booleans, lists)."""
+    parsed = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} train.max_steps=100")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
     parser.add_argument("--max-steps", type=int, help="stop after this many local steps (train.max_steps)")
-    parser.add_argument("--output", help="output folder (output.dir)")
+    parser.add_argument("--output", help="this node's folder: checkpoints, samples, node settings, identity")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set swarm.target_batch_size=64 (repeatable)")
 
@@ -37,12 +43,33 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdswarm", description="Fine-tune Stable Diffusion together with hivemind.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     mother = commands.add_parser("mother", help="start the first node of a swarm and train")
     mother.add_argument("config", help="YAML training config, e.g. configs/sd_1-5.yaml")
     add_training_arguments(mother)
-    server = commands.add_parser("server", help="the how-to's server.py entry point")
-    server.add_argument("-m", "--mother", required=True, metavar="CONFIG", help="start in mother mode with CONFIG")
+
+    join = commands.add_parser("join", help="join a swarm through any relay and train with it")
+    join.add_argument("address", help="a relay's I.E address, HOST:PORT (the command a relay prints)")
+    add_training_arguments(join)
+
+    server = commands.add_parser("server", help="the how-to's server.py: -m CONFIG or -j ADDRESS")
+    start = server.add_mutually_exclusive_group(required=True)
+    start.add_argument("-m", "--mother", metavar="CONFIG", help="start in mother mode with CONFIG")
+    start.add_argument("-j", "--join", metavar="ADDRESS", help="join the swarm through the relay at ADDRESS")
     add_training_arguments(server)
+
+    status = commands.add_parser("status", help="show a swarm: peers, throughput, progress toward the target batch")
+    status.add_argument("address", help="a relay's I.E address, HOST:PORT")
+
+    settings = commands.add_parser(
+        "settings", help="show or change this node's relay settings",
+        description="KEY=VALUE pairs change the settings file (OUTPUT/node.yaml), e.g. mode=relay "
+                    "public_address=203.0.113.7 listen_host=0.0.0.0 ie_port_internal=8765 ie_port_external=80 "
+                    "dht_port_internal=31337. Behind NAT, forward the external ports to the internal ones; "
+                    "otherwise leave the external ports unset (matched pairs).",
+    )
+    settings.add_argument("changes", nargs="*", metavar="KEY=VALUE")
+    settings.add_argument("--output", default="output", help="the node's folder (default: %(default)s)")
     return parser
 
 
@@ -50,11 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        overrides = parse_overrides(args.overrides)
+        if args.command == "status":
+            return show_status(args.address)
+        if args.command == "settings":
+            return edit_settings(Path(args.output), args.changes)
+        overrides = parse_pairs(args.overrides, "--set")
         if args.max_steps is not None:
             overrides["train.max_steps"] = args.max_steps
         if args.output is not None:
             overrides["output.dir"] = args.output
+        join_address = args.address if args.command == "join" else getattr(args, "join", None)
+        if join_address is not None:
+            return join(join_address, overrides, resume=args.resume)
         config = load_config(args.config if args.command == "mother" else args.mother, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -63,8 +97,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sdswarm.node import run_mother  # heavy imports only once the config is known to be good
 
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
-
     run_mother(config, resume=args.resume)
+    return 0
+
+
+def join(address: str, overrides: dict, *, resume: bool) -> int:
+    from sdswarm.node import run_node
+    from sdswarm.swarm.exchange import ExchangeError, fetch_join_info
+    from sdswarm.swarm.settings import load_settings
+
+    swarm_keys = [key for key in overrides if not key.startswith(JOINER_KEYS)]
+    if swarm_keys:
+        raise ConfigError(f"{', '.join(swarm_keys)}: set by the swarm, not by a joining node "
+                          f"(a joiner may set: {', '.join(JOINER_KEYS)})")
+    overrides.setdefault("output.dir", DEFAULT_JOIN_OUTPUT)
+    settings = load_settings(Path(overrides["output.dir"]))
+    try:
+        info = fetch_join_info(address, overrides)
+    except ExchangeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("joining run %r through %s (%d DHT addresses)", info.config.swarm.run_id, info.base_url, len(info.peers))
+    transformers.logging.set_verbosity_error()
+    run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume)
+    return 0
+
+
+def show_status(address: str) -> int:
+    from sdswarm.swarm.exchange import ExchangeError, fetch_swarm_view
+
+    try:
+        view = fetch_swarm_view(address)
+    except ExchangeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run {view['run_id']}: epoch {view['epoch']}, {view['samples_toward_target']}/{view['target_batch_size']} "
+          f"samples toward the target, {view['samples_per_second']:.1f} samples/s, {len(view['peers'])} peers")
+    print(f"{'peer':<16} {'role':<7} {'address':<22} {'step':>7} {'epoch':>6} {'loss':>8} {'samples/s':>10}")
+    for peer in view["peers"]:
+        loss = "-" if peer["loss"] is None else f"{peer['loss']:.4f}"
+        print(f"{peer['peer_id'][-16:]:<16} {peer['role']:<7} {peer['address'] or '-':<22} {peer['step']:>7} "
+              f"{peer['local_epoch']:>6} {loss:>8} {peer['samples_per_second']:>10.1f}")
+    return 0
+
+
+def edit_settings(folder: Path, changes: Sequence[str]) -> int:
+    from sdswarm.swarm.settings import load_settings, save_settings, update_settings
+
+    settings = load_settings(folder)
+    if changes:
+        settings = update_settings(settings, parse_pairs(changes, "settings"))
+        print(f"saved {save_settings(settings, folder)}")
+    print(yaml.safe_dump(settings.model_dump(), sort_keys=False), end="")
+    if not settings.client_mode:
+        print(f"# announced DHT address: {', '.join(settings.dht_announce_maddrs()) or 'what it listens on'}")
     return 0
 
 

@@ -69,9 +69,8 @@ class SwarmConfig(Section):
     load_state_timeout: Seconds = 1200.0
     compression: Literal["none", "fp16", "uniform8bit"] = "fp16"
     average_state_every: PositiveInt = 1
-    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], min_length=1)
-    announce_maddrs: list[str] = Field(default_factory=list)
-    initial_peers: list[str] = Field(default_factory=list)
+    min_peers: PositiveInt = Field(1, description="start-up barrier: peers to wait for before the first step")
+    startup_timeout: Seconds = Field(600.0, description="how long the barrier waits before training anyway")
 
 
 class Config(Section):

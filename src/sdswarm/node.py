@@ -6,18 +6,23 @@ Only this module and cli.py see the whole config: every part below gets its own 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import math
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
+import hivemind
 import torch
 
-from sdswarm.config import Config
+from sdswarm.config import Config, SwarmConfig
 from sdswarm.data.buckets import make_buckets
 from sdswarm.data.demo import make_demo_dataset
 from sdswarm.data.loader import BatchStream
@@ -25,11 +30,15 @@ from sdswarm.data.workdir import list_pairs, materialize_folder
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
 from sdswarm.model.text import PromptEncoder
+from sdswarm.swarm.exchange import PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import start_dht, stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
+from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
+from sdswarm.swarm.telemetry import PeerMetrics, Publisher, read_swarm, wait_for_peers
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
 from sdswarm.train.loop import LoopSettings, Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss
+from sdswarm.web.server import HttpServer, exchange_routes
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,8 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
     return trainable
 
 
-def prepare_data(config: Config) -> BatchStream:
+def prepare_data(config: Config, *, seed: int | None = None) -> BatchStream:
+    """The batches this peer trains; `seed` (default: the run's) orders them."""
     data = config.data
     workdir = data.workdir or config.output.dir / "workdir"
     source = make_demo_dataset(default_cache_dir() / "demo-v1") if data.source == DEMO_SOURCE else Path(data.source)
@@ -74,7 +84,8 @@ def prepare_data(config: Config) -> BatchStream:
                            step=data.bucket_step, max_ratio=data.bucket_max_ratio)
     return BatchStream(
         list_pairs(workdir), buckets, batch_size=config.train.batch_size, images_per_chunk=data.images_per_chunk,
-        shuffle=config.buckets_shuffle, seed=config.seed, num_workers=data.loader_workers,
+        shuffle=config.buckets_shuffle, seed=config.seed if seed is None else seed,
+        num_workers=data.loader_workers,
     )
 
 
@@ -103,8 +114,27 @@ class RunSummary:
     eval_loss_end: float
 
 
-def run_mother(config: Config, *, resume: bool = False) -> RunSummary:
-    """Start the first node of a swarm and train until max_steps or a stop signal."""
+def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
+    """The mother keeps the run's seed (a lone run is reproducible from it); every other peer gets its own
+    from the seed and its identity, so peers never draw the same data order or noise."""
+    if role == "mother":
+        return run_seed
+    return int.from_bytes(hashlib.sha256(f"{run_seed}:{peer_id}".encode()).digest()[:4], "big")
+
+
+def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False) -> RunSummary:
+    """Start the first node of a swarm (alone, it trains alone) and train until max_steps or a stop signal."""
+    return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume)
+
+
+def run_node(
+    config: Config,
+    *,
+    role: Literal["mother", "joiner"],
+    settings: NodeSettings,
+    initial_peers: Sequence[str] = (),
+    resume: bool = False,
+) -> RunSummary:
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     out = config.output.dir
@@ -115,59 +145,107 @@ def run_mother(config: Config, *, resume: bool = False) -> RunSummary:
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
 
-    stream = prepare_data(config)
-    log.info("aspect buckets:\n%s", stream.describe())
-    components = load_components(str(resume_from) if resume_from else config.model)
-    trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
-                              fp16=config.fp16)
-    encoder = PromptEncoder(components.tokenizer, components.text_encoder,
-                            extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate)
-    eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
+    with contextlib.ExitStack() as cleanup, stop_on_signals() as stop:
+        # started first: the peer's identity seeds its data order and noise
+        dht = start_dht(initial_peers=initial_peers, host_maddrs=settings.dht_host_maddrs(),
+                        announce_maddrs=settings.dht_announce_maddrs(), client_mode=settings.client_mode,
+                        identity_path=str(out / IDENTITY_FILE))
+        cleanup.callback(stop_dht, dht)
+        peer_id = str(dht.peer_id)
+        seed = peer_seed(config.seed, peer_id, role)
 
-    with stop_on_signals() as stop:
-        swarm = config.swarm
-        dht = start_dht(initial_peers=swarm.initial_peers, host_maddrs=swarm.host_maddrs,
-                        announce_maddrs=swarm.announce_maddrs)
-        optimizer = None
-        try:
-            optimizer = make_optimizer(
-                dht=dht, params=trainable, swarm=swarm, batch_size_per_step=config.train.batch_size,
-                lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
-                weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
-            )
-            trainer = Trainer(
-                components=components, encoder=encoder, train_text_encoder=config.train_text_encoder,
-                stream=stream, optimizer=optimizer, trainable=trainable,
-                ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
-                checkpoints=checkpoints, settings=loop_settings(config), output_dir=out,
-                config_yaml=config.to_yaml(), device=device,
-            )
-            if resume_from is not None:
-                trainer.load_state_dict(load_training_state(resume_from))
-                log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
+        stream = prepare_data(config, seed=seed)
+        log.info("aspect buckets:\n%s", stream.describe())
+        components = load_components(str(resume_from) if resume_from else config.model)
+        trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
+                                  fp16=config.fp16)
+        encoder = PromptEncoder(components.tokenizer, components.text_encoder,
+                                extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate)
+        eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
 
-            def eval_loss() -> float:
-                return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
-                                       encoder, eval_batches, seed=config.seed)
+        optimizer = make_optimizer(
+            dht=dht, params=trainable, swarm=config.swarm, batch_size_per_step=config.train.batch_size,
+            lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
+            weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
+        )
+        cleanup.callback(optimizer.shutdown)
+        trainer = Trainer(
+            components=components, encoder=encoder, train_text_encoder=config.train_text_encoder,
+            stream=stream, optimizer=optimizer, trainable=trainable,
+            ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
+            checkpoints=checkpoints, settings=loop_settings(config, seed), output_dir=out,
+            config_yaml=config.to_yaml(), device=device,
+        )
+        if resume_from is not None:
+            trainer.load_state_dict(load_training_state(resume_from))
+            log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
 
-            summary = RunSummary(trainer.progress, eval_loss(), math.nan)
-            trainer.run(stop)
-            summary.eval_loss_end = eval_loss()
-            log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
-                     summary.eval_loss_start, summary.eval_loss_end, summary.progress.step,
-                     summary.progress.skipped_steps)
-            return summary
-        finally:
-            if optimizer is not None:
-                optimizer.shutdown()
-            stop_dht(dht)
+        swarm_view = partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size)
+        address = None
+        if not settings.client_mode:
+            address = start_exchange(config, settings, dht, swarm_view, cleanup)
+        display_role = "mother" if role == "mother" else settings.mode
+        publisher = Publisher(dht, config.swarm.run_id, partial(peer_metrics, trainer.progress, peer_id,
+                                                                 display_role, address))
+        publisher.start()
+        cleanup.callback(publisher.stop)
+
+        join_swarm(optimizer, dht, config.swarm, peer_id)
+
+        def eval_loss() -> float:
+            return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
+                                   encoder, eval_batches, seed=config.seed)
+
+        summary = RunSummary(trainer.progress, eval_loss(), math.nan)
+        trainer.run(stop)
+        summary.eval_loss_end = eval_loss()
+        log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
+                 summary.eval_loss_start, summary.eval_loss_end, summary.progress.step,
+                 summary.progress.skipped_steps)
+        return summary
 
 
-def loop_settings(config: Config) -> LoopSettings:
+def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> None:
+    """Before the first step: catch up with a swarm already under way, or wait for the first peers."""
+    optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
+    if optimizer.tracker.global_epoch > optimizer.local_epoch:
+        log.info("the swarm is at epoch %d, this peer at %d: downloading the current state from peers",
+                 optimizer.tracker.global_epoch, optimizer.local_epoch)
+        optimizer.load_state_from_peers()
+        log.info("caught up: now at epoch %d", optimizer.local_epoch)
+    elif swarm.min_peers > 1:
+        wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
+
+
+def start_exchange(config: Config, settings: NodeSettings, dht: hivemind.DHT, swarm_view,
+                   cleanup: contextlib.ExitStack) -> str:
+    """Serve the I.E endpoints; return the address a friend joins with."""
+    routes = exchange_routes(
+        config_answer=partial(config_answer, config),
+        peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
+        swarm_answer=lambda: {"protocol": PROTOCOL, **swarm_view().model_dump()},
+    )
+    server = HttpServer(routes, settings.listen_host, settings.ie_port_internal)
+    port = server.start()
+    cleanup.callback(server.stop)
+    host = settings.public_address or settings.listen_host
+    address = f"{host}:{settings.ie_port_external or port}"
+    log.info("relay: others join this swarm with:  sdswarm join %s", address)
+    return address
+
+
+def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None) -> PeerMetrics:
+    loss = progress.loss_avg if math.isfinite(progress.loss_avg) else None
+    return PeerMetrics(peer_id=peer_id, role=role, address=address, step=progress.step,
+                       samples_seen=progress.samples_seen, loss=loss, samples_per_second=progress.samples_per_second,
+                       local_epoch=progress.local_epoch, time=time.time())
+
+
+def loop_settings(config: Config, seed: int | None = None) -> LoopSettings:
     out = config.output
     return LoopSettings(
         max_steps=config.train.max_steps, checkpoint_every=out.checkpoint_every, sample_every=out.sample_every,
-        log_every=out.log_every, ucg=config.ucg, fp16=config.fp16, seed=config.seed,
+        log_every=out.log_every, ucg=config.ucg, fp16=config.fp16, seed=config.seed if seed is None else seed,
         sample_prompts=out.sample_prompts, sample_size=(config.resolution, config.resolution),
         sample_steps=out.sample_steps, sample_guidance=out.sample_guidance,
     )

@@ -17,9 +17,10 @@ from PIL import Image
 
 from sdswarm.config import load_config
 from sdswarm.node import run_mother
+from sdswarm.swarm.settings import save_settings
 from sdswarm.train.checkpoint import load_training_state
 from sdswarm.train.loop import Trainer
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import LOOPBACK, ROOT, tiny_overrides
 
 
 def render(checkpoint) -> Image.Image:
@@ -33,7 +34,7 @@ def test_short_run_lowers_the_loss_and_leaves_checkpoints_and_samples(tmp_path):
     config = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides(
         tmp_path, **{"train.max_steps": 40, "output.checkpoint_every": 10, "output.keep_checkpoints": 2,
                      "output.sample_every": 20}))
-    summary = run_mother(config)
+    summary = run_mother(config, settings=LOOPBACK)
 
     assert summary.progress.step == 40 and summary.progress.skipped_steps == 0
     assert summary.eval_loss_end < 0.7 * summary.eval_loss_start, summary
@@ -53,7 +54,7 @@ def test_short_run_lowers_the_loss_and_leaves_checkpoints_and_samples(tmp_path):
 
 def test_resume_continues_with_the_same_step_count_and_optimizer_state(tmp_path, monkeypatch):
     overrides = tiny_overrides(tmp_path)
-    run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides))
+    run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides), settings=LOOPBACK)
     saved = load_training_state(tmp_path / "checkpoints" / "step_00000012")
     assert saved["progress"]["step"] == 12
 
@@ -65,7 +66,7 @@ def test_resume_continues_with_the_same_step_count_and_optimizer_state(tmp_path,
 
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "run", capture)
-        run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides), resume=True)
+        run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides), settings=LOOPBACK, resume=True)
     trainer = captured["trainer"]
     assert trainer.progress.step == 12
     assert (trainer.progress.data_pass, trainer.progress.data_batch) == (
@@ -80,7 +81,7 @@ def test_resume_continues_with_the_same_step_count_and_optimizer_state(tmp_path,
     torch.testing.assert_close(trainer.noise_generator.get_state(), saved["rng"]["noise"])
 
     summary = run_mother(load_config(ROOT / "configs" / "tiny.yaml", {**overrides, "train.max_steps": 18}),
-                         resume=True)
+                         settings=LOOPBACK, resume=True)
     assert summary.progress.step == 18
     assert load_training_state(tmp_path / "checkpoints" / "step_00000018")["progress"]["step"] == 18
 
@@ -95,13 +96,14 @@ def test_an_error_during_training_leaves_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", failing)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        run_mother(load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides(tmp_path)))
+        run_mother(load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides(tmp_path)), settings=LOOPBACK)
     assert load_training_state(tmp_path / "checkpoints" / "step_00000003")["progress"]["step"] == 3
 
 
 def test_sigterm_leaves_a_complete_checkpoint_and_no_process(tmp_path):
     """The how-to's own command, stopped by SIGTERM mid-run."""
     out = tmp_path / "out"
+    save_settings(LOOPBACK, out)
     sets = [f"--set={k}={v}" for k, v in tiny_overrides(out, **{"train.max_steps": 100000,
                                                                    "output.checkpoint_every": 1000}).items()]
     process = subprocess.Popen(

@@ -1,0 +1,143 @@
+"""A node's relay settings: how it is reached, kept in a readable YAML file beside its identity.
+
+Two modes, as in the how-to:
+- client: behind NAT, nothing listens; the node reaches the swarm through relays (hivemind client mode).
+- relay: listens on internal ports and announces external ones (the port-forwarding pair behind NAT; a
+  matched pair otherwise) with the public IP or domain; serves the information-exchange (I.E) endpoints.
+The file holds no secret: the peer's private key lives in its own file (`identity.key`), never in here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sdswarm.config import ConfigError
+
+Port = Annotated[int, Field(ge=0, le=65535, description="0 lets the system pick a free port")]
+SETTINGS_FILE = "node.yaml"
+IDENTITY_FILE = "identity.key"
+
+
+class NodeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: Literal["client", "relay"] = "relay"
+    public_address: str | None = Field(None, description="IP or domain others reach this node at")
+    listen_host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 for all (internet relays)")
+    ie_port_internal: Port = 8765
+    ie_port_external: Port | None = Field(None, description="announced I.E port; default: the internal one")
+    dht_port_internal: Port = 31337
+    dht_port_external: Port | None = Field(None, description="announced DHT port; default: the internal one")
+
+    @field_validator("public_address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.strip()
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            labels = value.rstrip(".").split(".")
+            if not all(label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels):
+                raise ValueError("must be an IPv4/IPv6 address or a domain name such as node.example.org") from None
+        return value
+
+    @field_validator("listen_host")
+    @classmethod
+    def _check_listen_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be an IP address to listen on, e.g. 0.0.0.0 (all) or 127.0.0.1") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_external_ports(self) -> NodeSettings:
+        for kind in ("ie", "dht"):
+            internal, external = getattr(self, f"{kind}_port_internal"), getattr(self, f"{kind}_port_external")
+            if internal == 0 and external not in (None, 0):
+                raise ValueError(f"{kind}_port_external ({external}) needs a fixed {kind}_port_internal, not 0: "
+                                 "a forwarded port must point at a known internal port")
+        return self
+
+    @property
+    def client_mode(self) -> bool:
+        return self.mode == "client"
+
+    def dht_host_maddrs(self) -> list[str]:
+        if self.client_mode:  # listens nowhere reachable: loopback only, other peers are dialled out
+            return ["/ip4/127.0.0.1/tcp/0"]
+        return [f"/{_ip_protocol(self.listen_host)}/{self.listen_host}/tcp/{self.dht_port_internal}"]
+
+    def dht_announce_maddrs(self) -> list[str]:
+        """What other peers are told to dial; empty lets hivemind announce what it listens on."""
+        if self.client_mode or self.public_address is None:
+            return []
+        port = self.dht_port_external if self.dht_port_external is not None else self.dht_port_internal
+        return [f"/{_address_protocol(self.public_address)}/{self.public_address}/tcp/{port}"]
+
+
+def _ip_protocol(ip: str) -> str:
+    return "ip6" if ipaddress.ip_address(ip).version == 6 else "ip4"
+
+
+def _address_protocol(address: str) -> str:
+    try:
+        return _ip_protocol(address)
+    except ValueError:
+        return "dns"
+
+
+def load_settings(folder: Path) -> NodeSettings:
+    """The node's settings from `folder/node.yaml`; defaults when there is none yet."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.exists():
+        return NodeSettings()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return NodeSettings.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_errors(exc)}") from None
+
+
+def update_settings(settings: NodeSettings, changes: dict[str, Any]) -> NodeSettings:
+    """A copy with `changes` applied and the whole validated; ConfigError naming the bad keys otherwise."""
+    try:
+        return NodeSettings.model_validate({**settings.model_dump(), **changes})
+    except ValidationError as exc:
+        raise ConfigError(f"node settings: {describe_errors(exc)}") from None
+
+
+def save_settings(settings: NodeSettings, folder: Path) -> Path:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SETTINGS_FILE
+    tmp = path.with_name(f".{SETTINGS_FILE}.tmp-{os.getpid()}")
+    tmp.write_text("# sdswarm node settings (see `sdswarm settings --help`)\n"
+                   + yaml.safe_dump(settings.model_dump(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def describe_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}' (known: {', '.join(NodeSettings.model_fields)})")
+        elif key:
+            parts.append(f"'{key}' = {err['input']!r}: {message}")
+        else:
+            parts.append(message)
+    return "; ".join(parts)
