@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import hivemind
@@ -24,14 +23,14 @@ import torch
 
 from sdswarm.config import Config, SwarmConfig
 from sdswarm.data.buckets import make_buckets
-from sdswarm.data.demo import make_demo_dataset
-from sdswarm.data.loader import BatchStream
-from sdswarm.data.workdir import list_pairs, materialize_folder
+from sdswarm.data.chunks import open_chunks
+from sdswarm.data.loader import BatchStream, CaptionShuffle
+from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import PROTOCOL, config_answer, peers_answer
-from sdswarm.swarm.network import start_dht, stop_dht
+from sdswarm.swarm.network import reap_children, start_dht, stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import PeerMetrics, Publisher, read_swarm, wait_for_peers
@@ -42,7 +41,6 @@ from sdswarm.web.server import HttpServer, exchange_routes
 
 log = logging.getLogger(__name__)
 
-DEMO_SOURCE = "builtin:demo"
 EVAL_BATCHES = 4
 
 
@@ -54,38 +52,48 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def prepare_model(components: SDComponents, *, device: torch.device, train_text_encoder: bool, fp16: bool):
+def prepare_model(components: SDComponents, *, device: torch.device, train_text_encoder: bool, fp16: bool,
+                  bf16: bool = False, gradient_checkpointing: bool = False, attention: str = "default"):
     """Move the parts to the device; return the trainable parameters (the only ones hivemind may see)."""
-    half_frozen = fp16 and device.type == "cuda"  # frozen parts need no fp32 master weights
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError("train.mixed_precision: bf16, but this GPU has no bf16 support (Ampere or newer has); "
+                           "use fp16: True instead")
+    # frozen parts need no fp32 master weights; mixed precision on CUDA only
+    half_frozen = (torch.float16 if fp16 else torch.bfloat16 if bf16 else None) if device.type == "cuda" else None
     components.vae.requires_grad_(False).eval().to(device)
     components.unet.requires_grad_(True).to(device)
     components.text_encoder.requires_grad_(train_text_encoder).to(device)
-    if half_frozen:
-        components.vae.half()
+    if half_frozen is not None:
+        components.vae.to(half_frozen)
         if not train_text_encoder:
-            components.text_encoder.half()
+            components.text_encoder.to(half_frozen)
+    set_attention((components.unet, components.vae), attention)
+    if gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable()
     trainable = list(components.unet.parameters())
     if train_text_encoder:
         trainable += list(components.text_encoder.parameters())
+    # fp32 master weights: what autocast expects, and hivemind's fp16 compression refuses bf16 tensors
+    if any(p.dtype != torch.float32 for p in trainable):
+        raise RuntimeError(f"trainable parameters must be float32, found {sorted({str(p.dtype) for p in trainable})}")
     return trainable
 
 
-def prepare_data(config: Config, *, seed: int | None = None) -> BatchStream:
-    """The batches this peer trains; `seed` (default: the run's) orders them."""
+def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mother") -> BatchStream:
+    """The batches this peer trains: its shard of the index (the slot from the run seed and `peer_id`),
+    ordered by `seed` (default: the run's)."""
     data = config.data
-    workdir = data.workdir or config.output.dir / "workdir"
-    source = make_demo_dataset(default_cache_dir() / "demo-v1") if data.source == DEMO_SOURCE else Path(data.source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"data.source {data.source!r} is not a folder of image + JSON pairs (or builtin:demo)")
-    report = materialize_folder(source, workdir, categories=data.caption_categories)
-    log.info("work dir %s: %d pairs written, %d already there, discarded: %s",
-             workdir, report.written, report.skipped_existing, dict(report.discarded) or "none")
+    chunks = open_chunks(data, seed=config.seed, peer_id=peer_id, workdir=data.workdir or config.output.dir / "workdir",
+                         index_out=config.output.dir / "index.db", demo_dir=default_cache_dir() / "demo-v1")
     buckets = make_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
                            step=data.bucket_step, max_ratio=data.bucket_max_ratio)
+    tag_shuffle = CaptionShuffle(data.caption_separator, data.caption_keep_first) if data.caption_shuffle else None
     return BatchStream(
-        list_pairs(workdir), buckets, batch_size=config.train.batch_size, images_per_chunk=data.images_per_chunk,
-        shuffle=config.buckets_shuffle, seed=config.seed if seed is None else seed,
-        num_workers=data.loader_workers,
+        chunks, buckets, batch_size=config.train.batch_size, shuffle=config.buckets_shuffle,
+        seed=config.seed if seed is None else seed, num_workers=data.loader_workers,
+        caption_shuffle=tag_shuffle, max_pixels=data.max_image_pixels,
     )
 
 
@@ -146,6 +154,7 @@ def run_node(
         log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
 
     with contextlib.ExitStack() as cleanup, stop_on_signals() as stop:
+        cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
         dht = start_dht(initial_peers=initial_peers, host_maddrs=settings.dht_host_maddrs(),
                         announce_maddrs=settings.dht_announce_maddrs(), client_mode=settings.client_mode,
@@ -154,11 +163,14 @@ def run_node(
         peer_id = str(dht.peer_id)
         seed = peer_seed(config.seed, peer_id, role)
 
-        stream = prepare_data(config, seed=seed)
+        stream = prepare_data(config, seed=seed, peer_id=peer_id)
+        cleanup.callback(stream.close)
         log.info("aspect buckets:\n%s", stream.describe())
         components = load_components(str(resume_from) if resume_from else config.model)
         trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
-                                  fp16=config.fp16)
+                                  fp16=config.precision == "fp16", bf16=config.precision == "bf16",
+                                  gradient_checkpointing=config.train.gradient_checkpointing,
+                                  attention=config.train.attention)
         encoder = PromptEncoder(components.tokenizer, components.text_encoder,
                                 extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate)
         eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
@@ -167,6 +179,7 @@ def run_node(
             dht=dht, params=trainable, swarm=config.swarm, batch_size_per_step=config.train.batch_size,
             lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
             weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
+            optimizer_8bit=config.train.optimizer_8bit,
         )
         cleanup.callback(optimizer.shutdown)
         trainer = Trainer(
@@ -245,7 +258,11 @@ def loop_settings(config: Config, seed: int | None = None) -> LoopSettings:
     out = config.output
     return LoopSettings(
         max_steps=config.train.max_steps, checkpoint_every=out.checkpoint_every, sample_every=out.sample_every,
-        log_every=out.log_every, ucg=config.ucg, fp16=config.fp16, seed=config.seed if seed is None else seed,
+        log_every=out.log_every, ucg=config.ucg, fp16=config.precision == "fp16",
+        seed=config.seed if seed is None else seed,
         sample_prompts=out.sample_prompts, sample_size=(config.resolution, config.resolution),
         sample_steps=out.sample_steps, sample_guidance=out.sample_guidance,
+        bf16=config.precision == "bf16", min_snr_gamma=config.train.min_snr_gamma,
+        noise_offset=config.train.noise_offset,
+        latent_cache_size=config.data.images_per_chunk if config.train.cache_latents else 0,
     )

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 import hivemind
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,35 @@ def start_dht(
     return dht
 
 
-def stop_dht(dht: hivemind.DHT) -> None:
-    """Shut the DHT down once the messages already sent to it are handled.
+def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:
+    """Shut the DHT down once the messages already sent to it are handled, within `timeout` seconds.
 
-    hivemind's tracker sends a last "goodbye" record without waiting for it; a round trip first
-    lets the DHT process take it before its parent goes away (else it dies with an EOFError).
+    hivemind's tracker sends a last "goodbye" record without waiting for it; a round trip first lets the
+    DHT process take it before its parent goes away (else it dies with an EOFError). The round trip is
+    bounded: a message from an averager process that already exited can leave the DHT unable to answer.
     """
+    async def _noop(_dht, _node) -> None:
+        return None
+
     with contextlib.suppress(Exception):
-        dht.get_visible_maddrs()
+        dht.run_coroutine(_noop, return_future=True).result(timeout=timeout)
     dht.shutdown()
+
+
+def reap_children(grace: float = 5.0) -> None:
+    """Make sure every process this node started (DHT, averagers, p2pd, loader workers) ends with it."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        log.warning("process %d (%s) did not stop in %.0f s: killing it", child.pid, _name(child), grace)
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _name(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return process.name()
+    return "?"
