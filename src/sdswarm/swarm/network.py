@@ -39,27 +39,36 @@ def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:
 
     hivemind's tracker sends a last "goodbye" record without waiting for it; a round trip first lets the
     DHT process take it before its parent goes away (else it dies with an EOFError). The round trip is
-    bounded: a message from an averager process that already exited can leave the DHT unable to answer.
+    bounded: a message from an averager process that already exited can leave the DHT unable to answer,
+    and then the DHT is terminated, its p2pd daemon with it.
     """
     async def _noop(_dht, _node) -> None:
         return None
 
+    daemons: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):  # its p2pd daemon, which a hard-terminated DHT would orphan
+        daemons = psutil.Process(dht.pid).children(recursive=True)
     with contextlib.suppress(Exception):
         dht.run_coroutine(_noop, return_future=True).result(timeout=timeout)
     dht.shutdown()
+    _stop(daemons)
 
 
-def reap_children(grace: float = 5.0) -> None:
-    """Make sure every process this node started (DHT, averagers, p2pd, loader workers) ends with it."""
-    children = psutil.Process().children(recursive=True)
-    for child in children:
+def reap_children() -> None:
+    """Make sure every process this node started (DHT, averagers, p2pd) ends with it."""
+    # torch_shm_manager is torch's own: it leaves when this process does, and killing it first aborts us
+    _stop([c for c in psutil.Process().children(recursive=True) if _name(c) != "torch_shm_manager"])
+
+
+def _stop(processes: list[psutil.Process], grace: float = 5.0) -> None:
+    for process in processes:
         with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for child in alive:
-        log.warning("process %d (%s) did not stop in %.0f s: killing it", child.pid, _name(child), grace)
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        log.warning("process %d (%s) did not stop in %.0f s: killing it", process.pid, _name(process), grace)
         with contextlib.suppress(psutil.Error):
-            child.kill()
+            process.kill()
 
 
 def _name(process: psutil.Process) -> str:

@@ -1,0 +1,89 @@
+"""Several real peers on 127.0.0.1: they train one model together and survive peers coming and going."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from tests.swarm.peers import Peer
+
+pytestmark = pytest.mark.swarm
+
+
+@pytest.fixture
+def peers(tmp_path):
+    started: list[Peer] = []
+
+    def make(name: str, **kwargs) -> Peer:
+        peer = Peer(name, tmp_path, **kwargs)
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:  # always stop every process group, whatever the test did
+        peer.kill()
+
+
+def unet_weights(peer: Peer) -> dict[str, torch.Tensor]:
+    (checkpoint,) = sorted((peer.out / "checkpoints").iterdir())[-1:]
+    return load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_three_peers_train_one_model(peers):
+    mother = peers("mother", max_steps=30, **{"swarm.min_peers": 3}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=120)
+    joiners = [peers(f"joiner{i}", join=mother.address, max_steps=30).start() for i in (1, 2)]
+    everyone = [mother, *joiners]
+    for peer in everyone:
+        assert peer.wait_exit(timeout=400) == 0, peer.log()[-4000:]
+
+    assert any("Averaged gradients with 3 peers" in peer.log() for peer in everyone), "no round with all three"
+    for peer in everyone:
+        assert peer.log().count("Averaged gradients with") >= 3, f"{peer.name} hardly ever averaged"
+        start, end = peer.eval_losses()
+        assert end < 0.8 * start, f"{peer.name}: eval loss {start} -> {end}"
+        assert all(math.isfinite(m["loss"]) for m in peer.metrics())
+    # the peers hold one model: they differ far less than training moved them
+    initial = load_components(TINY_MODEL_ID).unet.state_dict()
+    weights = [unet_weights(peer) for peer in everyone]
+    moved = max((weights[0][k] - initial[k]).abs().max().item() for k in initial)
+    apart = max((w[k] - weights[0][k]).abs().max().item() for w in weights[1:] for k in initial)
+    assert moved > 0.01 and apart < 0.25 * moved, (moved, apart)
+    # each peer drew its own data order and noise (seeded from the run seed and its identity)
+    first_losses = {round(peer.metrics()[0]["loss"], 6) for peer in everyone}
+    assert len(first_losses) == 3
+
+
+def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers):
+    mother = peers("mother", max_steps=1000, **{"swarm.min_peers": 2}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=120)
+    first = peers("first", join=mother.address, max_steps=1000).start()
+    mother.wait_until(lambda: mother.epoch() >= 3, "epoch 3")
+
+    late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point
+    late.wait_until(lambda: "caught up: now at epoch" in late.log(), "downloading the state")
+    late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "averaging with all three")
+
+    first.signal(signal.SIGKILL)
+    step = mother.step()
+    mother.wait_until(lambda: mother.step() >= step + 12, "training on after a peer was killed", timeout=240)
+    late.wait_until(lambda: "Averaged gradients with 2 peers" in late.log().split("caught up")[-1],
+                    "averaging without the killed peer", timeout=240)
+    for peer in (mother, late):
+        assert all(math.isfinite(m["loss"]) for m in peer.metrics()), f"{peer.name} got a NaN loss"
+
+    # the mother leaves; the swarm goes on and a new peer joins through a surviving relay
+    mother.signal(signal.SIGTERM)
+    assert mother.wait_exit(timeout=120) == 0
+    assert not mother.group_alive(), "the mother left processes behind"
+    newcomer = peers("newcomer", join=late.address, max_steps=1000).start()
+    newcomer.wait_until(lambda: "Averaged gradients with 2 peers" in newcomer.log(), "averaging with the survivor",
+                        timeout=240)
+    for peer in (late, newcomer):
+        peer.signal(signal.SIGTERM)
+        assert peer.wait_exit(timeout=120) == 0
