@@ -27,7 +27,12 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: str = Field("builtin:demo", description="folder of image + JSON pairs, or builtin:demo")
+    source: str = Field("builtin:demo", description="builtin:demo, a folder of {post_id}.{ext} + .json pairs, or "
+                        "an http(s) URL of the images: a base, or a template with {post_id} and {ext}")
+    json_source: str | None = Field(None, description="where the .json halves are (folder or URL template); "
+                                    "default: beside the images")
+    index: str | None = Field(None, description="SQLite index of posts (file or http(s) URL); "
+                              "default: built from a source folder; required for a URL source")
     workdir: Path | None = Field(None, description="where pairs land as image + .txt; default OUTPUT/workdir")
     images_per_chunk: PositiveInt = Field(1000, description="pairs trained per chunk before the next is drawn")
     caption_categories: list[Literal["character", "copyright", "general", "artist", "meta"]] = Field(
@@ -35,7 +40,19 @@ class DataConfig(Section):
     )
     bucket_step: Literal[8, 16, 32, 64] = Field(64, description="bucket sides are multiples of this (pixels)")
     bucket_max_ratio: Annotated[float, Field(ge=1, le=4)] = 2.0
-    loader_workers: Annotated[int, Field(ge=0, le=32)] = Field(2, description="processes decoding images ahead")
+    loader_workers: Annotated[int, Field(ge=0, le=32)] = Field(2, description="threads decoding batches ahead")
+    shards: Annotated[int, Field(ge=1, le=65536)] = Field(
+        32, description="disjoint data slots per round: up to this many peers never train the same post")
+    workdir_max_gb: Annotated[float, Field(gt=0)] = Field(20.0, description="work dir bound; oldest pairs evicted")
+    fetch_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(16, description="pairs downloading at once")
+    fetch_timeout: Annotated[float, Field(gt=0, le=3600)] = Field(30.0, description="seconds of silence per request")
+    fetch_retries: Annotated[int, Field(ge=0, le=10)] = Field(3, description="retries on timeouts and 5xx, not 404")
+    max_file_mb: Annotated[float, Field(gt=0)] = Field(100.0, description="larger image files are discarded")
+    max_image_pixels: PositiveInt = Field(50_000_000, description="larger images are refused before decoding")
+    caption_separator: str = Field(", ", min_length=1)
+    caption_shuffle: bool = Field(False, description="shuffle the tags each time a caption is used")
+    caption_keep_first: Annotated[int, Field(ge=0)] = Field(0, description="tags left in place by the shuffle")
+    caption_escape_parentheses: bool = Field(False, description="write \\( \\) for emphasis-syntax front ends")
 
 
 class TrainConfig(Section):
@@ -44,6 +61,20 @@ class TrainConfig(Section):
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # options users of kohya/diffusers trainers expect; all off by default
+    mixed_precision: Literal["fp16", "bf16", "no"] | None = Field(
+        None, description="none: follow the top-level fp16 key; bf16 needs fp16: False and a GPU that supports it"
+    )
+    min_snr_gamma: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="min-SNR loss weighting (Hang et al. 2023), e.g. 5; none: plain MSE"
+    )
+    noise_offset: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="noise += offset * randn(b, c, 1, 1)")
+    gradient_checkpointing: bool = Field(False, description="UNet and a trained text encoder: less memory, ~30% slower")
+    attention: Literal["default", "sdpa", "xformers"] = Field(
+        "default", description="default: as diffusers loads it (PyTorch SDPA on torch 2); xformers if installed"
+    )
+    optimizer_8bit: bool = Field(False, description="bitsandbytes AdamW8bit (CUDA) instead of torch AdamW")
+    cache_latents: bool = Field(False, description="keep each image's VAE posterior: one encode per image per chunk")
 
 
 class OutputConfig(Section):
@@ -113,6 +144,21 @@ class Config(Section):
                 f"buckets_side_min ({self.buckets_side_min}) must not exceed resolution ({self.resolution})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> Config:
+        # the how-to's fp16: True always means fp16; a different train.mixed_precision would be silently ignored
+        if self.fp16 and self.train.mixed_precision not in (None, "fp16"):
+            raise ValueError(
+                f"fp16: True conflicts with train.mixed_precision: {self.train.mixed_precision}; "
+                "set fp16: False to use it"
+            )
+        return self
+
+    @property
+    def precision(self) -> Literal["fp16", "bf16", "no"]:
+        """Mixed precision on CUDA: the how-to's fp16 key wins; else train.mixed_precision (default no)."""
+        return "fp16" if self.fp16 else (self.train.mixed_precision or "no")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -16,12 +16,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import hivemind
 import torch
 
 from sdswarm.config import Config, SwarmConfig
+from sdswarm.controls import LogTail, NodeControls
 from sdswarm.data.buckets import make_buckets
 from sdswarm.data.chunks import open_chunks
 from sdswarm.data.loader import BatchStream, CaptionShuffle
@@ -37,6 +39,8 @@ from sdswarm.swarm.telemetry import PeerMetrics, Publisher, read_swarm, wait_for
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
 from sdswarm.train.loop import LoopSettings, Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss
+from sdswarm.web.app import create_app
+from sdswarm.web.auth import load_or_create_token
 from sdswarm.web.server import HttpServer, exchange_routes
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
+            components.text_encoder.activation_checkpointing_enable()  # transformers 5's name for it
     trainable = list(components.unet.parameters())
     if train_text_encoder:
         trainable += list(components.text_encoder.parameters())
@@ -98,18 +102,20 @@ def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mot
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """Ctrl-C and SIGTERM ask the trainer to stop after the current step (it then saves a checkpoint)."""
-    stop = threading.Event()
+def stop_on_signals(*events: threading.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM set `events`: the trainer stops after the current step, saves a checkpoint and the
+    node exits. A second Ctrl-C interrupts at once."""
 
     def request_stop(signum, frame):
         log.warning("%s received: finishing the current step, then saving a checkpoint",
                     signal.Signals(signum).name)
-        stop.set()
+        for event in events:
+            event.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield stop
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -153,7 +159,8 @@ def run_node(
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
 
-    with contextlib.ExitStack() as cleanup, stop_on_signals() as stop:
+    stop_training, quit_node = threading.Event(), threading.Event()
+    with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
         dht = start_dht(initial_peers=initial_peers, host_maddrs=settings.dht_host_maddrs(),
@@ -194,9 +201,12 @@ def run_node(
             log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
 
         swarm_view = partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size)
-        address = None
-        if not settings.client_mode:
-            address = start_exchange(config, settings, dht, swarm_view, cleanup)
+        controls = NodeControls(
+            trainer=trainer, settings_dir=out, run_id=config.swarm.run_id, swarm_view=swarm_view,
+            data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
+            log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
+        )
+        address = start_http(config, settings, dht, controls, cleanup)
         display_role = "mother" if role == "mother" else settings.mode
         publisher = Publisher(dht, config.swarm.run_id, partial(peer_metrics, trainer.progress, peer_id,
                                                                  display_role, address))
@@ -210,12 +220,30 @@ def run_node(
                                    encoder, eval_batches, seed=config.seed)
 
         summary = RunSummary(trainer.progress, eval_loss(), math.nan)
-        trainer.run(stop)
+        train_until_done(trainer, controls)
         summary.eval_loss_end = eval_loss()
         log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
                  summary.eval_loss_start, summary.eval_loss_end, summary.progress.step,
                  summary.progress.skipped_steps)
         return summary
+
+
+def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
+    """Train until max_steps or a signal. A stop from the UI pauses training (after a checkpoint) and the
+    node stays up, serving its UI, until it is started again or told to quit."""
+    while True:
+        controls.state = "training"
+        trainer.run(controls.stop_training)
+        if controls.quit.is_set() or not controls.stop_training.is_set():
+            return  # a signal, or max_steps reached
+        controls.state = "stopped"
+        log.info("training stopped from the UI at step %d; start it again there, or Ctrl-C to quit",
+                 trainer.progress.step)
+        while not (controls.resume.wait(1.0) or controls.quit.is_set()):
+            pass
+        controls.resume.clear()
+        if controls.quit.is_set():
+            return
 
 
 def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> None:
@@ -230,19 +258,34 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
 
 
-def start_exchange(config: Config, settings: NodeSettings, dht: hivemind.DHT, swarm_view,
-                   cleanup: contextlib.ExitStack) -> str:
-    """Serve the I.E endpoints; return the address a friend joins with."""
-    routes = exchange_routes(
+def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
+               cleanup: contextlib.ExitStack) -> str | None:
+    """Serve the web UI, and on a relay the I.E endpoints beside it; return the address a friend joins with.
+
+    A relay listens where its settings say; a client serves only its own UI, on loopback.
+    """
+    out = config.output.dir
+    token = load_or_create_token(out)
+    # folders whose names must not leak through the UI (the output folder is hidden by the UI itself)
+    local = [config.data.source, config.data.workdir, default_cache_dir()]
+    private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
+    app = create_app(controls, admin_token=token, private_paths=private)
+    routes = [] if settings.client_mode else exchange_routes(
         config_answer=partial(config_answer, config),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
-        swarm_answer=lambda: {"protocol": PROTOCOL, **swarm_view().model_dump()},
+        swarm_answer=lambda: {"protocol": PROTOCOL, **controls.status()["swarm"]},
     )
-    server = HttpServer(routes, settings.listen_host, settings.ie_port_internal)
+    host = "127.0.0.1" if settings.client_mode else settings.listen_host
+    server = HttpServer(routes, host, settings.ie_port_internal, app=app)
     port = server.start()
     cleanup.callback(server.stop)
-    host = settings.public_address or settings.listen_host
-    address = f"{host}:{settings.ie_port_external or port}"
+    ui_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    log.info("web UI: http://%s:%d/  (admin token, for settings and controls: %s; kept in %s)",
+             ui_host, port, token, out / "admin_token")
+    if settings.client_mode:
+        return None
+    address = f"{settings.public_address or settings.listen_host}:{settings.ie_port_external or port}"
+    controls.join_address = address
     log.info("relay: others join this swarm with:  sdswarm join %s", address)
     return address
 

@@ -1,6 +1,8 @@
+import random
+
 import pytest
 
-from sdswarm.data.captions import caption_from_post, pretty_tag
+from sdswarm.data.captions import caption_from_post, pretty_tag, shuffle_tags
 
 API_POST = {
     "id": 1234,
@@ -97,3 +99,20 @@ def test_invalid_shapes_raise_value_error_naming_the_problem(post: object, match
 def test_unknown_categories_rejected(categories: object) -> None:
     with pytest.raises(ValueError, match="categor"):
         caption_from_post(API_POST, categories)  # type: ignore[arg-type]
+
+
+def test_parentheses_escaped_on_request() -> None:
+    post = {"tag_string_character": "miku_(append)", "tag_string_general": "(o)_(o) smile"}
+    assert caption_from_post(post) == "miku (append), (o)_(o), smile"  # left as they are by default
+    assert caption_from_post(post, escape_parentheses=True) == r"miku \(append\), \(o\)_\(o\), smile"
+
+
+def test_shuffle_keeps_the_first_tags_and_every_tag() -> None:
+    caption = "miku, vocaloid, 1girl, long hair, twintails, smile"
+    orders = {shuffle_tags(caption, ", ", 2, random.Random(seed)) for seed in range(30)}
+    assert len(orders) > 5
+    for order in orders:
+        tags = order.split(", ")
+        assert tags[:2] == ["miku", "vocaloid"] and sorted(tags) == sorted(caption.split(", "))
+    assert shuffle_tags(caption, ", ", 2, random.Random(1)) == shuffle_tags(caption, ", ", 2, random.Random(1))
+    assert shuffle_tags("a | b | c", " | ", 5, random.Random(0)) == "a | b | c"

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image, ImageChops
 
 from sdswarm.data.captions import caption_from_post
-from sdswarm.data.demo import COLOURS, make_demo_dataset
+from sdswarm.data.demo import COLOURS, INDEX, make_demo_dataset, make_demo_index
+from sdswarm.data.index import Index
 
 SHAPES = ("circle", "square", "triangle", "star")
 # Filled fraction of the bounding box, measured independently of the generator's geometry.
@@ -137,3 +138,17 @@ def test_generation_is_fast(tmp_path: Path) -> None:
     start = time.perf_counter()
     make_demo_dataset(tmp_path, count=240)
     assert time.perf_counter() - start < 5.0
+
+
+def test_the_demo_is_a_bucket_with_its_index(tmp_path: Path) -> None:
+    index = make_demo_index(tmp_path, count=12)
+    assert index == tmp_path / INDEX
+    with Index(index) as opened:
+        posts = opened.posts_at(range(12))
+        assert [p.post_id for p in posts] == list(range(1, 13)) and {p.ext for p in posts} == {"png"}
+        assert all(p.md5 == json.loads((tmp_path / f"{p.post_id}.json").read_text())["md5"] for p in posts)
+    stamp = index.stat().st_mtime_ns
+    assert make_demo_index(tmp_path, count=12).stat().st_mtime_ns == stamp  # up to date: kept
+    make_demo_index(tmp_path, count=8)  # the files changed: the index follows
+    with Index(index) as opened:
+        assert len(opened) == 8

@@ -1,145 +1,117 @@
-import io
-import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 import sdswarm
-from sdswarm.data.workdir import list_pairs, materialize_folder
+from sdswarm.data.workdir import WorkDir, list_pairs
+from tests.data import files
+
+PNG = files.solid("PNG")
 
 
-def image_bytes(fmt: str, colour: str = "red") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 6), colour).save(buf, format=fmt)
-    return buf.getvalue()
+def names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
 
 
-def write_post(folder: Path, name: str, general: str, fmt: str = "PNG", json_name: str | None = None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_bytes(image_bytes(fmt))
-    stem = name.rsplit(".", 1)[0]
-    post = {
-        "id": 1,
-        "tag_string_general": general,
-        "tag_string_artist": "someone",
-        "tag_string_meta": "highres",
-    }
-    (folder / (json_name or f"{stem}.json")).write_text(json.dumps(post))
+def test_pairs_land_side_by_side_and_are_reused_after_a_restart(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path, max_bytes=10**6, caption_key="k")
+    pair = work.put(12, "JPG", PNG, "red circle, 1shape")
+    assert pair.image == tmp_path / "12.jpg" and pair.image.read_bytes() == PNG
+    assert (tmp_path / "12.txt").read_text() == "red circle, 1shape"
+    assert names(tmp_path) == {"12.jpg", "12.txt", ".captions.json"}  # no temp files left
+    again = WorkDir(tmp_path, max_bytes=10**6, caption_key="k")
+    assert len(again) == 1 and again.bytes == len(PNG)
+    assert again.get(12).caption == "red circle, 1shape" and again.get(13) is None
+    assert [(p.image.name, p.caption) for p in list_pairs(tmp_path)] == [("12.jpg", "red circle, 1shape")]
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
-    write_post(src, "1.png", "red_circle 1shape")
-    write_post(src, "2.JPG", "blue_square ^_^", fmt="JPEG")
-    write_post(src, "3.webp", "star", fmt="WEBP")
-    write_post(src, "4.jpeg", "yellow_background", fmt="JPEG", json_name="4.jpeg.json")  # gallery-dl naming
-    write_post(src, "5.png", "")  # only artist/meta tags -> nothing to caption
-    (src / "6.png").write_bytes(image_bytes("PNG"))  # no json
-    (src / "7.json").write_text(json.dumps({"tag_string_general": "lonely"}))  # no image
-    (src / "8.json").write_text("{}")  # no image either
-    (src / "9.png").write_bytes(image_bytes("PNG"))
-    (src / "9.json").write_text('{"tag_string_general": "trunc')  # bad json
-    (src / "notes.txt").write_text("not a post")
-    return src
+def test_bounded_cache_evicts_the_least_recently_used_but_never_what_is_pinned(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path, max_bytes=3 * len(PNG))
+    for post_id in range(5):
+        work.put(post_id, "png", PNG, f"tag{post_id}")
+        time.sleep(0.01)  # distinct mtimes: the use order must survive a restart
+    work.get(0)  # used again: now the most recent
+    assert work.evict(keep={1}) == 2
+    assert sorted(p.image.stem for p in list_pairs(tmp_path)) == ["0", "1", "4"]
+    assert work.bytes == 3 * len(PNG)
+    # pinned pairs may hold the cache over its bound; it says so and keeps them
+    work.put(5, "png", PNG, "tag5")
+    assert work.evict(keep={0, 1, 4, 5}) == 0 and len(work) == 4
+    # after a restart the order is still known: 1 (oldest) goes first
+    restarted = WorkDir(tmp_path, max_bytes=3 * len(PNG))
+    assert restarted.evict() == 1 and 1 not in restarted and 0 in restarted
 
 
-EXPECTED = [("1", ".png", "red circle, 1shape"), ("2", ".jpg", "blue square, ^_^"), ("3", ".webp", "star"),
-            ("4", ".jpeg", "yellow background")]  # fmt: skip
-DISCARDED = {"bad json": 1, "empty caption": 1, "no image": 2, "no json": 1}
-
-
-def test_materialize_keeps_good_pairs_and_counts_the_rest(source: Path, tmp_path: Path) -> None:
+def test_interrupted_materialisation_leaves_no_partial_pair(tmp_path: Path) -> None:
     work = tmp_path / "work"
-    report = materialize_folder(source, work)
-    assert (report.written, report.skipped_existing, report.discarded) == (4, 0, DISCARDED)
-
-    pairs = list_pairs(work)
-    assert [(p.image.stem, p.image.suffix, p.caption) for p in pairs] == EXPECTED
-    for p in pairs:
-        src_name = {"1": "1.png", "2": "2.JPG", "3": "3.webp", "4": "4.jpeg"}[p.image.stem]
-        assert p.image.read_bytes() == (source / src_name).read_bytes()
-        Image.open(p.image).verify()
-    assert sorted(f.name for f in work.iterdir()) == sorted(
-        [f"{s}{e}" for s, e, _ in EXPECTED] + [f"{s}.txt" for s, _, _ in EXPECTED]
-    )  # discarded posts leave nothing, and no temp files are left behind
-
-
-def test_second_run_skips_existing_and_resumes_missing(source: Path, tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    materialize_folder(source, work)
-    again = materialize_folder(source, work)
-    assert (again.written, again.skipped_existing, again.discarded) == (0, 4, DISCARDED)
-
-    (work / "3.txt").unlink()  # as if the run died between the image and its caption
-    resumed = materialize_folder(source, work)
-    assert (resumed.written, resumed.skipped_existing) == (1, 3)
-    assert [p.caption for p in list_pairs(work)] == [c for _, _, c in EXPECTED]
-
-
-def test_leftover_temp_files_and_captionless_images_are_not_pairs(source: Path, tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    materialize_folder(source, work)
-    (work / ".10.png.4242.tmp").write_bytes(image_bytes("PNG")[:20])  # partial copy from a crashed run
-    (work / ".10.txt.4242.tmp").write_text("half a capt")
-    (work / "11.png").write_bytes(image_bytes("PNG"))  # image placed, caption never written
-    (work / "12.txt").write_text("caption without image")
-    assert [p.image.stem for p in list_pairs(work)] == ["1", "2", "3", "4"]
-
-
-def test_killed_mid_run_leaves_no_partial_real_file_and_next_run_finishes(
-    source: Path, tmp_path: Path
-) -> None:
-    work = tmp_path / "work"
-    # Die (no cleanup, like SIGKILL) right before the first caption would be moved into place.
+    # Die (no cleanup, like SIGKILL) right before the caption would be moved into place.
     script = textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from sdswarm.data.workdir import materialize_folder
+        from sdswarm.data.workdir import WorkDir
         real_replace = os.replace
         def replace(src, dst):
-            if str(dst).endswith(".txt"):
+            if str(dst).endswith("2.txt"):
                 os._exit(3)
             real_replace(src, dst)
         os.replace = replace
-        materialize_folder(Path({str(source)!r}), Path({str(work)!r}))
+        work = WorkDir(Path({str(work)!r}), max_bytes=10**6)
+        work.put(1, "png", {PNG!r}, "first")
+        work.put(2, "png", {PNG!r}, "second")
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(sdswarm.__file__).parents[1])}
     assert subprocess.run([sys.executable, "-c", script], env=env).returncode == 3
-    names = {f.name for f in work.iterdir()}
-    assert "1.png" in names and "1.txt" not in names
-    assert any(n.startswith(".1.txt.") and n.endswith(".tmp") for n in names)  # the partial is a temp name
-    assert list_pairs(work) == []
+    left = names(work)
+    assert {"1.png", "1.txt", "2.png"} <= left and "2.txt" not in left
+    assert any(n.startswith(".2.txt.") and n.endswith(".tmp") for n in left)  # the partial is a temp name
+    assert [p.image.name for p in list_pairs(work)] == ["1.png"]  # a pair exists only with its caption
 
-    report = materialize_folder(source, work)
-    assert (report.written, report.skipped_existing) == (4, 0)
-    assert [p.caption for p in list_pairs(work)] == [c for _, _, c in EXPECTED]
-
-
-def test_copies_when_hardlinks_are_impossible(
-    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_link(*args: object, **kwargs: object) -> None:
-        raise OSError("cross-device link")
-
-    monkeypatch.setattr(os, "link", no_link)
-    work = tmp_path / "work"
-    assert materialize_folder(source, work).written == 4
-    assert (work / "1.png").read_bytes() == (source / "1.png").read_bytes()
-    assert (work / "1.png").stat().st_nlink == 1
+    reopened = WorkDir(work, max_bytes=10**6)
+    assert names(work) == {"1.png", "1.txt", ".captions.json"}  # the orphan image and the temp file are gone
+    assert len(reopened) == 1 and reopened.get(1).caption == "first"
 
 
-def test_categories_and_duplicate_stems(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    write_post(src, "1.png", "circle")
-    (src / "1.jpg").write_bytes(image_bytes("JPEG"))  # same stem: one 1.txt cannot caption both
-    report = materialize_folder(src, tmp_path / "work", categories=("artist", "general"))
-    assert (report.written, report.discarded) == (1, {"duplicate stem": 1})
-    assert list_pairs(tmp_path / "work")[0].caption == "someone, circle"
-    with pytest.raises(ValueError, match="unknown tag categories"):
-        materialize_folder(src, tmp_path / "work2", categories=("general", "tags"))
+def test_temp_files_of_a_live_process_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / f".3.png.{os.getpid()}.tmp").write_bytes(b"being written")
+    (tmp_path / ".3.png.999999999.tmp").write_bytes(b"dead")
+    WorkDir(tmp_path, max_bytes=100)
+    assert names(tmp_path) == {f".3.png.{os.getpid()}.tmp", ".captions.json"}
+
+
+def test_other_caption_settings_drop_the_cached_pairs(tmp_path: Path) -> None:
+    WorkDir(tmp_path, max_bytes=10**6, caption_key="general").put(1, "png", PNG, "circle")
+    assert len(WorkDir(tmp_path, max_bytes=10**6, caption_key="general")) == 1
+    changed = WorkDir(tmp_path, max_bytes=10**6, caption_key="artist, general")
+    assert len(changed) == 0 and names(tmp_path) == {".captions.json"}
+
+
+def test_a_folder_that_is_not_ours_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "holiday.jpg").write_bytes(PNG)
+    with pytest.raises(ValueError, match="not sdswarm pairs"):
+        WorkDir(tmp_path, max_bytes=100)
+    assert (tmp_path / "holiday.jpg").exists()
+    old = tmp_path / "old"  # a work dir from before the cache marker: adopted
+    old.mkdir()
+    (old / "4.png").write_bytes(PNG)
+    (old / "4.txt").write_text("star")
+    assert WorkDir(old, max_bytes=10**6).get(4).caption == "star"
+
+
+def test_a_pair_deleted_behind_our_back_is_forgotten(tmp_path: Path) -> None:
+    work = WorkDir(tmp_path, max_bytes=10**6)
+    work.put(1, "png", PNG, "x")
+    (tmp_path / "1.txt").unlink()
+    assert work.get(1) is None and len(work) == 0 and work.bytes == 0
+
+
+def test_list_pairs_ignores_temp_files_and_half_pairs(tmp_path: Path) -> None:
+    WorkDir(tmp_path, max_bytes=10**6).put(1, "png", PNG, "a")
+    (tmp_path / ".10.png.4242.tmp").write_bytes(PNG[:20])
+    (tmp_path / "11.png").write_bytes(PNG)  # image placed, caption never written
+    (tmp_path / "12.txt").write_text("caption without image")
+    assert [p.image.stem for p in list_pairs(tmp_path)] == ["1"]

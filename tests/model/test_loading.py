@@ -11,8 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdswarm.data.buckets import Bucket, resize_to_bucket
+from sdswarm.data.demo import plan_post, render
 from sdswarm.model import loading
 from sdswarm.model.loading import (
+    TINY_MODEL_DIRNAME,
     TINY_MODEL_ID,
     TOKENIZER_ASSETS,
     SDComponents,
@@ -29,15 +32,17 @@ WEIGHT_FILES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Safety net: nothing in these tests may touch ~/.cache.
-    monkeypatch.setenv("SDSWARM_CACHE", str(tmp_path / "sdswarm-cache"))
+# Training the VAE takes tens of seconds: tests that only need *a* build ask for a few steps.
+QUICK = {"vae_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tiny_path(sdswarm_cache: Path) -> Path:
+    """The full tiny model in the session cache (tests/conftest.py), shared with every other test module."""
+    path = sdswarm_cache / TINY_MODEL_DIRNAME
+    assert default_cache_dir() == sdswarm_cache  # nothing here may build into ~/.cache
+    load_components(TINY_MODEL_ID)  # builds it once per session, whichever test gets there first
+    return path
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -88,15 +93,15 @@ def test_load_components_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     def counting_build(path: Path, seed: int = 0) -> Path:
         calls.append(path)
-        return real_build(path, seed)
+        return real_build(path, seed, **QUICK)
 
     monkeypatch.setattr(loading, "build_tiny_model", counting_build)
     first = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
-    assert calls == [tmp_path / "tiny-sd-v1"]
-    mtime = (tmp_path / "tiny-sd-v1" / "model_index.json").stat().st_mtime_ns
+    assert calls == [tmp_path / TINY_MODEL_DIRNAME] and TINY_MODEL_DIRNAME == "tiny-sd-v2"
+    mtime = (tmp_path / TINY_MODEL_DIRNAME / "model_index.json").stat().st_mtime_ns
     second = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
     assert len(calls) == 1
-    assert (tmp_path / "tiny-sd-v1" / "model_index.json").stat().st_mtime_ns == mtime
+    assert (tmp_path / TINY_MODEL_DIRNAME / "model_index.json").stat().st_mtime_ns == mtime
 
     for comps in (first, second):
         assert isinstance(comps, SDComponents)
@@ -133,20 +138,53 @@ def test_loaded_parts_fit_together(tiny_path: Path) -> None:
     assert pred.shape == latents.shape and torch.isfinite(pred).all()
 
 
-def test_same_seed_same_weights(tmp_path: Path, tiny_path: Path) -> None:
-    ref = _weights(tiny_path)
-    again = _weights(build_tiny_model(tmp_path / "again", seed=0))
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    # A few VAE steps run the same code as the full build: enough to catch any unseeded randomness.
+    vae_steps = 5
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the build's own count, which must not decide the weights
+    try:
+        ref = _weights(build_tiny_model(tmp_path / "ref", seed=0, vae_steps=vae_steps))
+        assert torch.get_num_threads() == 3  # the build's fixed thread count is not left behind
+    finally:
+        torch.set_num_threads(threads_before)
+    again = _weights(build_tiny_model(tmp_path / "again", seed=0, vae_steps=vae_steps))
     assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
-    other = _weights(build_tiny_model(tmp_path / "other", seed=1))
+    other = _weights(build_tiny_model(tmp_path / "other", seed=1, vae_steps=vae_steps))
     assert any(not torch.equal(ref[k], other[k]) for k in ref)
 
 
+def _demo_images(seed: int, count: int) -> torch.Tensor:
+    """Rendered demo posts the VAE never trained on, resized as the trainer does, in [-1, 1]."""
+    images = [resize_to_bucket(render(plan_post(i, seed)), Bucket(64, 64)) for i in range(1, count + 1)]
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def test_tiny_vae_reconstructs_demo_images(tiny_path: Path) -> None:
+    vae = AutoencoderKL.from_pretrained(tiny_path, subfolder="vae").eval()
+    torch.manual_seed(0)
+    untrained = AutoencoderKL.from_config(vae.config).eval()
+    images = _demo_images(seed=4242, count=16)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        error = (vae.decode(posterior.mode()).sample.clamp(-1, 1) - images).abs().mean().item()
+        random_error = (untrained.decode(untrained.encode(images).latent_dist.mode()).sample.clamp(-1, 1) - images)
+        random_error = random_error.abs().mean().item()
+        scaled_std = (posterior.sample() * vae.config.scaling_factor).std().item()
+    # On a 0..2 scale: ~0.03 is a slightly soft copy of the picture; a random VAE is ~0.7 (noise).
+    assert error < 0.08, f"tiny VAE reconstructs demo images badly: mean abs error {error:.3f}"
+    assert random_error > 0.3, random_error
+    # The scaling factor is computed, as SD's 0.18215 was: scaled latents have about unit variance.
+    assert vae.config.scaling_factor != 0.18215 and 0.7 < scaled_std < 1.4, scaled_std
+
+
 def test_build_keeps_existing_folder(tmp_path: Path) -> None:
-    target = build_tiny_model(tmp_path / "m", seed=0)
+    target = build_tiny_model(tmp_path / "m", seed=0, **QUICK)
     before = (target / "model_index.json").stat().st_mtime_ns
     weights = _weights(target)
     # A late builder losing the race must discard its copy, not clobber or nest inside the winner's.
-    assert build_tiny_model(target, seed=1) == target
+    assert build_tiny_model(target, seed=1, **QUICK) == target
     assert (target / "model_index.json").stat().st_mtime_ns == before
     assert sorted(os.listdir(tmp_path)) == ["m"]
     after = _weights(target)
@@ -159,7 +197,7 @@ def test_concurrent_builders(tmp_path: Path) -> None:
 
     def worker() -> None:
         try:
-            build_tiny_model(target)
+            build_tiny_model(target, **QUICK)
         except BaseException as e:  # noqa: BLE001 - surfaced by the assert below
             errors.append(e)
 

@@ -9,6 +9,7 @@ Three metadata shapes are understood:
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,9 +86,22 @@ def caption_from_post(
     post: Mapping[str, Any],
     categories: Sequence[str] = DEFAULT_CATEGORIES,
     separator: str = ", ",
+    escape_parentheses: bool = False,
 ) -> str:
-    """Caption = tags of `categories` in that order, prettified, first occurrence wins; "" if none."""
+    """Caption = tags of `categories` in that order, prettified, first occurrence wins; "" if none.
+    `escape_parentheses`: write ``\\(`` and ``\\)``, for front ends that read parentheses as emphasis."""
     check_categories(categories)
     by_cat = tags_by_category(post)
     words = dict.fromkeys(pretty_tag(t) for c in categories for t in by_cat.get(c, ()) if t)
+    if escape_parentheses:
+        words = dict.fromkeys(w.replace("(", "\\(").replace(")", "\\)") for w in words)
     return separator.join(words)
+
+
+def shuffle_tags(caption: str, separator: str, keep_first: int, rng: random.Random) -> str:
+    """The caption's tags in a random order, the first `keep_first` (e.g. character, copyright) left in place:
+    an augmentation applied each time a caption is used, so the model does not learn the tag order."""
+    tags = caption.split(separator)
+    head, tail = tags[:keep_first], tags[keep_first:]
+    rng.shuffle(tail)
+    return separator.join(head + tail)

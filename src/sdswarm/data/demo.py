@@ -22,8 +22,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+BUILTIN_DEMO = "builtin:demo"  # data.source naming this data set
 GENERATOR_VERSION = 1
-MANIFEST = ".manifest.json"  # hidden, so materialize_folder does not see it as an orphan .json
+MANIFEST = ".manifest.json"  # hidden, so indexing does not see it as an orphan .json
+INDEX = "index.db"  # beside the files: the mother serves both, so a joiner needs nothing else
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -164,7 +166,7 @@ def post_json(spec: PostSpec, md5: str) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # peers sharing a cache may write it at once
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -210,3 +212,20 @@ def make_demo_dataset(root: Path, count: int = 240, seed: int = 0) -> Path:
     manifest = {"generator": "sdswarm-demo", "version": GENERATOR_VERSION, "count": count, "seed": seed}
     _write_atomic(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return root
+
+
+def make_demo_index(root: Path, count: int = 240, seed: int = 0) -> Path:
+    """The demo as a real bucket: the files (made if needed) plus their index db, rebuilt when stale."""
+    from sdswarm.data.index import Index, build_from_folder  # the demo files alone need no index code
+
+    root = make_demo_dataset(root, count, seed)
+    index = root / INDEX
+    if index.is_file() and index.stat().st_mtime >= (root / MANIFEST).stat().st_mtime:
+        try:
+            with Index(index) as existing:
+                if existing.size == count and existing.meta.get("source") == str(root.resolve()):
+                    return index
+        except ValueError:
+            pass  # unreadable or an older layout: build it again
+    build_from_folder(root, index)
+    return index

@@ -1,21 +1,56 @@
-"""Batches for the trainer: a chunk of work-dir pairs per pass, one aspect bucket per batch, loaded ahead."""
+"""Batches for the trainer: pass p trains round p's chunk of pairs, one aspect bucket per batch, decoded ahead.
+
+A position (pass, batch) says where the stream is, so a resumed run continues where it stopped: a pass's
+batches depend only on (seed, pass) and the pairs its chunk yielded. Images are decoded in threads (Pillow
+releases the GIL while decoding and resizing), so no worker processes are forked beside hivemind's.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
+from sdswarm.data import images
 from sdswarm.data.buckets import Bucket, BucketBatchSampler, assign_bucket, bucket_table, resize_to_bucket
+from sdswarm.data.captions import shuffle_tags
+from sdswarm.data.chunks import DataStats
 from sdswarm.data.workdir import Pair
 
 log = logging.getLogger(__name__)
+
+MAX_EMPTY_PASSES = 3  # rounds in a row with no usable pair: the bucket or the index is broken, say so
+
+
+class Chunks(Protocol):
+    def pairs(self, round_index: int) -> list[Pair]: ...
+
+    def stats(self) -> DataStats: ...
+
+    def close(self) -> None: ...
+
+
+class FixedChunks:
+    """The same pairs every round (a folder already on disk, tests, benchmarks)."""
+
+    def __init__(self, pairs: Sequence[Pair]) -> None:
+        self._pairs = list(pairs)
+
+    def pairs(self, round_index: int) -> list[Pair]:
+        return self._pairs
+
+    def stats(self) -> DataStats:
+        return DataStats(pairs_ready=len(self._pairs))
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -24,96 +59,142 @@ class Batch:
     captions: list[str]
 
 
-def load_rgb(path) -> Image.Image:
-    """Open an image upright and in RGB; transparency is composited on white."""
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert("RGB")
+@dataclass(frozen=True)
+class CaptionShuffle:
+    separator: str = ", "
+    keep_first: int = 0
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
+@dataclass
+class PassPlan:
+    pairs: list[Pair]
+    bucket_of: list[Bucket]
+    batches: list[list[int]]  # indices into pairs, one bucket each
+
+
+def to_tensor(image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Pairs resized to their bucket; indexable so a DataLoader can load batches in worker processes."""
-
-    def __init__(self, pairs: Sequence[Pair], bucket_of: Sequence[Bucket]) -> None:
-        self.pairs, self.bucket_of = list(pairs), list(bucket_of)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        pair = self.pairs[index]
-        return to_tensor(resize_to_bucket(load_rgb(pair.image), self.bucket_of[index])), pair.caption
-
-
-def collate(items: list[tuple[torch.Tensor, str]]) -> Batch:
-    return Batch(pixels=torch.stack([pixels for pixels, _ in items]), captions=[caption for _, caption in items])
-
-
 class BatchStream:
-    """Endless batches over `pairs`, pass after pass; each pass trains a chunk of `images_per_chunk` pairs.
-
-    A position (pass, batch) says where the stream is, so a resumed run continues where it stopped.
-    The chunk and the order of a pass depend only on (seed, pass): any run can recompute them.
-    """
+    """Endless batches, pass after pass; `iterate(pass, batch)` starts anywhere."""
 
     def __init__(
         self,
-        pairs: Sequence[Pair],
+        chunks: Chunks,
         buckets: Sequence[Bucket],
         *,
         batch_size: int,
-        images_per_chunk: int,
         shuffle: bool,
         seed: int,
         num_workers: int = 0,
+        caption_shuffle: CaptionShuffle | None = None,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
     ) -> None:
-        if not pairs:
-            raise ValueError("no training pairs: the work directory holds no image + caption pairs")
-        self.pairs, self.buckets = list(pairs), list(buckets)
-        self.batch_size, self.images_per_chunk = batch_size, images_per_chunk
-        self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
-        self._sizes: dict = {}
+        self.chunks, self.buckets = chunks, list(buckets)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_workers, self.caption_shuffle, self.max_pixels = num_workers, caption_shuffle, max_pixels
+        self._plans: dict[int, PassPlan] = {}
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="sdswarm-load") if num_workers else None
 
-    def chunk(self, pass_index: int) -> list[Pair]:
-        if self.images_per_chunk >= len(self.pairs):
-            return self.pairs
-        return random.Random(f"{self.seed}:chunk:{pass_index}").sample(self.pairs, self.images_per_chunk)
-
-    def plan(self, pass_index: int) -> tuple[PairDataset, list[list[int]]]:
-        """The dataset and the batches (lists of indices, one bucket each) of one pass."""
-        pairs = self.chunk(pass_index)
-        bucket_of = [assign_bucket(*self._size(pair), self.buckets) for pair in pairs]
-        sampler = BucketBatchSampler(bucket_of, self.batch_size, shuffle=self.shuffle, seed=self.seed)
-        return PairDataset(pairs, bucket_of), sampler.batches(pass_index)
+    def plan(self, pass_index: int) -> PassPlan:
+        """The pairs and the batches (lists of indices, one bucket each) of one pass."""
+        if pass_index not in self._plans:
+            pairs, bucket_of = [], []
+            for pair in self.chunks.pairs(pass_index):
+                size = pair.size or self._probe(pair)
+                if size is not None:
+                    pairs.append(pair)
+                    bucket_of.append(assign_bucket(*size, self.buckets))
+            sampler = BucketBatchSampler(bucket_of, self.batch_size, shuffle=self.shuffle, seed=self.seed)
+            self._plans = {p: v for p, v in self._plans.items() if p == pass_index - 1}  # describe() then pass 0
+            self._plans[pass_index] = PassPlan(pairs, bucket_of, sampler.batches(pass_index) if pairs else [])
+        return self._plans[pass_index]
 
     def describe(self, pass_index: int = 0) -> str:
-        dataset, _ = self.plan(pass_index)
-        return bucket_table(self.buckets, Counter(dataset.bucket_of))
+        return bucket_table(self.buckets, Counter(self.plan(pass_index).bucket_of))
 
-    def _size(self, pair: Pair) -> tuple[int, int]:
-        if pair.image not in self._sizes:  # header only; upright size, as training sees it
-            with Image.open(pair.image) as image:
-                self._sizes[pair.image] = ImageOps.exif_transpose(image).size
-        return self._sizes[pair.image]
+    def stats(self) -> DataStats:
+        return self.chunks.stats()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.chunks.close()
 
     def iterate(self, start_pass: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Batch]]:
         """Yield (pass, index of the batch in its pass, batch) from the given position on."""
-        pass_index, skip = start_pass, start_batch
+        pass_index, skip, empty = start_pass, start_batch, 0
         while True:
-            dataset, batches = self.plan(pass_index)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches[skip:], collate_fn=collate,
-                num_workers=self.num_workers, prefetch_factor=4 if self.num_workers else None,
-            )
-            for offset, batch in enumerate(loader):
-                yield pass_index, skip + offset, batch
+            plan = self.plan(pass_index)
+            if not plan.pairs:
+                empty += 1
+                log.warning("pass %d has no usable pairs (%s)", pass_index, self.stats().summary())
+                if empty >= MAX_EMPTY_PASSES:
+                    raise RuntimeError(f"{empty} passes in a row without a usable pair: check data.source and "
+                                       f"data.index ({self.stats().summary()})")
+            else:
+                empty = 0
+            for batch_index, batch in self._load(pass_index, plan, skip):
+                yield pass_index, batch_index, batch
             pass_index, skip = pass_index + 1, 0
+
+    def _load(self, pass_index: int, plan: PassPlan, skip: int) -> Iterator[tuple[int, Batch]]:
+        todo = list(enumerate(plan.batches))[skip:]
+        if self._pool is None:
+            for batch_index, indices in todo:
+                if (batch := self._batch(pass_index, plan, indices)) is not None:
+                    yield batch_index, batch
+            return
+        pending: deque[tuple[int, Future[Batch | None]]] = deque()
+        try:
+            for batch_index, indices in todo:
+                pending.append((batch_index, self._pool.submit(self._batch, pass_index, plan, indices)))
+                if len(pending) > 2 * self.num_workers:
+                    yield from self._ready(pending.popleft())
+            while pending:
+                yield from self._ready(pending.popleft())
+        finally:  # the consumer stopped early: do not decode batches no one will take
+            for _, future in pending:
+                future.cancel()
+
+    @staticmethod
+    def _ready(item: tuple[int, Future[Batch | None]]) -> Iterator[tuple[int, Batch]]:
+        batch_index, future = item
+        if (batch := future.result()) is not None:
+            yield batch_index, batch
+
+    def _batch(self, pass_index: int, plan: PassPlan, indices: list[int]) -> Batch | None:
+        pixels, captions = [], []
+        for i in indices:
+            pair, bucket = plan.pairs[i], plan.bucket_of[i]
+            try:
+                image = images.decode(pair.image, pair.image.suffix[1:], max_pixels=self.max_pixels,
+                                      cover=(bucket.width, bucket.height))
+            except images.ImageRejected as rejected:  # checked when fetched; only a damaged disk gets here
+                log.warning("%s left out of its batch: %s", pair.image, rejected)
+                continue
+            pixels.append(to_tensor(resize_to_bucket(image, bucket)))
+            captions.append(self._caption(pair, pass_index))
+        if not pixels:
+            return None
+        for j in range(len(indices) - len(pixels)):  # keep the batch size: repeat what did load
+            pixels.append(pixels[j % len(pixels)])
+            captions.append(captions[j % len(captions)])
+        return Batch(pixels=torch.stack(pixels), captions=captions)
+
+    def _caption(self, pair: Pair, pass_index: int) -> str:
+        s = self.caption_shuffle
+        if s is None:
+            return pair.caption
+        rng = random.Random(f"{self.seed}:caption:{pass_index}:{pair.image.name}")  # same on a resumed run
+        return shuffle_tags(pair.caption, s.separator, s.keep_first, rng)
+
+    def _probe(self, pair: Pair) -> tuple[int, int] | None:
+        try:
+            info = images.probe(pair.image, max_pixels=self.max_pixels)
+        except images.ImageRejected as rejected:
+            log.warning("%s left out: %s", pair.image, rejected)
+            return None
+        return info.width, info.height

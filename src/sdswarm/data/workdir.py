@@ -1,23 +1,29 @@
-"""Materialise Danbooru image + JSON pairs into a work directory of image + caption .txt pairs.
+"""The work directory: image + caption ``.txt`` pairs named by post id, a cache bounded in size.
 
 Crash safety: every file is written under a temp name (``.<name>.<pid>.tmp``, never an image or .txt
 suffix) and moved into place with os.replace; the caption .txt is written after its image, so a pair exists
-exactly when its .txt does. This guards against the process dying, not against power loss (no fsync).
+exactly when its .txt does (and eviction removes the .txt first). This guards against the process dying,
+not against power loss (no fsync). On opening, what a dead run left half done is cleared away and the
+complete pairs are reused; the least recently used pairs are evicted once the cache is over its bound.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import re
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
-from sdswarm.data.captions import DEFAULT_CATEGORIES, caption_from_post, check_categories
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".png")
+CAPTION_KEY_FILE = ".captions.json"  # how the captions were made; other settings invalidate them
+_TEMP = re.compile(r"^\.(.+)\.(\d+)\.tmp$")
+_OURS = re.compile(r"^\d+\.(png|jpg|jpeg|webp|txt)$")
 
 
 @dataclass
@@ -26,37 +32,18 @@ class Pair:
 
     image: Path
     caption: str
+    size: tuple[int, int] | None = None  # upright (width, height) when known
 
 
-@dataclass
-class MaterializeReport:
-    written: int = 0
-    skipped_existing: int = 0
-    discarded: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-
-def _tmp_name(workdir: Path, name: str) -> Path:
+def _tmp_name(folder: Path, name: str) -> Path:
     # Leading dot + .tmp suffix: never mistaken for an image or caption; pid keeps concurrent runs apart.
-    return workdir / f".{name}.{os.getpid()}.tmp"
+    return folder / f".{name}.{os.getpid()}.tmp"
 
 
-def _place_image(src: Path, dst: Path) -> None:
-    tmp = _tmp_name(dst.parent, dst.name)
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(src, tmp)  # free and instant on the same file system
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _place_text(text: str, dst: Path) -> None:
+def write_atomic(dst: Path, data: bytes) -> None:
     tmp = _tmp_name(dst.parent, dst.name)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -65,74 +52,6 @@ def _place_text(text: str, dst: Path) -> None:
 def _visible_files(folder: Path) -> list[Path]:
     # Dotfiles are skipped: our temp files, and macOS "._x.jpg" resource forks that look like images.
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-
-
-def materialize_folder(
-    source: Path, workdir: Path, categories: Sequence[str] = DEFAULT_CATEGORIES
-) -> MaterializeReport:
-    """Turn each ``{stem}.<img>`` + ``{stem}.json`` in `source` (not recursive) into ``{stem}.<img>`` +
-    ``{stem}.txt`` in `workdir`; image extensions are matched case-insensitively and written lower-case.
-
-    gallery-dl's ``{stem}.<img>.json`` sidecar name is accepted too. Discard reasons: "no json", "no image",
-    "bad json" (unreadable, not JSON, or not a post shape captions understand), "empty caption",
-    "empty image" (0 bytes), "duplicate stem" (e.g. 1.jpg and 1.png: one .txt can serve only one).
-    Pairs whose .txt is already in `workdir` are skipped without reading their JSON (resumable; a change of
-    `categories` therefore needs a fresh workdir).
-    """
-    source, workdir = Path(source), Path(workdir)
-    check_categories(categories)  # fail once, loudly, rather than discarding every post
-    if not source.is_dir():
-        raise NotADirectoryError(f"source folder {source} does not exist")
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    images: list[Path] = []
-    jsons: dict[str, Path] = {}  # sidecar key (name without .json) -> path
-    for p in _visible_files(source):
-        ext = p.suffix.lower()
-        if ext in IMAGE_EXTS:
-            images.append(p)
-        elif ext == ".json":
-            jsons[p.name[: -len(".json")]] = p
-
-    report = MaterializeReport()
-    discarded: Counter[str] = Counter()
-    claimed: set[str] = set()
-    seen_stems: set[str] = set()
-    for img in images:
-        keys = [k for k in (img.stem, img.name) if k in jsons]
-        claimed.update(keys)
-        if img.stem in seen_stems:
-            discarded["duplicate stem"] += 1
-            continue
-        seen_stems.add(img.stem)
-        if not keys:
-            discarded["no json"] += 1
-            continue
-        dst_img = workdir / f"{img.stem}{img.suffix.lower()}"
-        dst_txt = workdir / f"{img.stem}.txt"
-        if dst_txt.is_file() and dst_img.is_file():
-            report.skipped_existing += 1
-            continue
-        if img.stat().st_size == 0:
-            discarded["empty image"] += 1
-            continue
-        try:
-            post = json.loads(jsons[keys[0]].read_text(encoding="utf-8-sig"))  # -sig: tolerate a BOM
-            caption = caption_from_post(post, categories)
-        except (OSError, UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
-            discarded["bad json"] += 1
-            continue
-        if not caption:
-            discarded["empty caption"] += 1
-            continue
-        _place_image(img, dst_img)
-        _place_text(caption, dst_txt)  # last: its presence marks the pair complete
-        report.written += 1
-    unclaimed = len(jsons.keys() - claimed)
-    if unclaimed:
-        discarded["no image"] += unclaimed
-    report.discarded = dict(sorted(discarded.items()))
-    return report
 
 
 def list_pairs(workdir: Path) -> list[Pair]:
@@ -145,3 +64,126 @@ def list_pairs(workdir: Path) -> list[Pair]:
         if txt.is_file():
             pairs[p.stem] = Pair(p, txt.read_text(encoding="utf-8").strip())
     return [pairs[s] for s in sorted(pairs)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkDir:
+    """Pairs ``{post_id}.{ext}`` + ``{post_id}.txt``, at most `max_bytes` of them (beyond what is pinned).
+
+    `caption_key` describes how captions are made (categories, separator, ...): a work dir made with other
+    settings has its pairs dropped rather than trained with stale captions. Not safe for two processes."""
+
+    def __init__(self, root: Path, max_bytes: int, caption_key: str = "") -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._entries: OrderedDict[int, tuple[str, int]] = OrderedDict()  # post id -> (image name, bytes); LRU
+        self.bytes = 0
+        key_file = self.root / CAPTION_KEY_FILE
+        if not key_file.is_file():
+            self._check_adoptable()
+        stale = key_file.is_file() and key_file.read_text(encoding="utf-8") != caption_key
+        self._scan(drop_all=stale)
+        if stale:
+            log.warning("work dir %s: caption settings changed, cached pairs dropped", self.root)
+        write_atomic(key_file, caption_key.encode())
+
+    def _check_adoptable(self) -> None:
+        # The scan deletes incomplete pairs: never do that to a folder that is not ours.
+        foreign = [p.name for p in _visible_files(self.root) if not _OURS.match(p.name)]
+        if foreign:
+            raise ValueError(f"work dir {self.root} holds files that are not sdswarm pairs ({foreign[0]}, ...): "
+                             "point data.workdir at an empty or new folder")
+
+    def _scan(self, drop_all: bool) -> None:
+        images: dict[str, Path] = {}
+        captions: set[str] = set()
+        for entry in os.scandir(self.root):
+            name = entry.name
+            temp = _TEMP.match(name)
+            if temp and not _pid_alive(int(temp.group(2))):
+                Path(entry.path).unlink(missing_ok=True)  # a dead run's half-written file
+            if name.startswith(".") or not entry.is_file():
+                continue
+            stem, _, ext = name.rpartition(".")
+            if f".{ext}" in IMAGE_EXTS:
+                images[stem] = Path(entry.path)
+            elif ext == "txt":
+                captions.add(stem)
+        complete: list[tuple[float, int, Path]] = []
+        for stem, image in images.items():
+            if stem in captions and stem.isdigit() and not drop_all:
+                complete.append((os.stat(self.root / f"{stem}.txt").st_mtime, int(stem), image))
+            else:
+                image.unlink(missing_ok=True)  # its caption never landed: an interrupted materialisation
+        for stem in captions - {str(post_id) for _, post_id, _ in complete}:
+            (self.root / f"{stem}.txt").unlink(missing_ok=True)
+        for _, post_id, image in sorted(complete):  # oldest use first
+            size = image.stat().st_size
+            self._entries[post_id] = (image.name, size)
+            self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, post_id: int) -> bool:
+        return post_id in self._entries
+
+    def get(self, post_id: int) -> Pair | None:
+        """The cached pair, marked as just used; None if not cached (or vanished from disk)."""
+        entry = self._entries.get(post_id)
+        if entry is None:
+            return None
+        image, txt = self.root / entry[0], self.root / f"{post_id}.txt"
+        try:
+            caption = txt.read_text(encoding="utf-8").strip()
+            os.utime(txt)  # the use order survives a restart
+        except OSError:
+            self.drop(post_id)
+            return None
+        self._entries.move_to_end(post_id)
+        return Pair(image, caption)
+
+    def put(self, post_id: int, ext: str, data: bytes, caption: str) -> Pair:
+        self.drop(post_id)
+        image = self.root / f"{post_id}.{ext.lower()}"
+        write_atomic(image, data)
+        write_atomic(self.root / f"{post_id}.txt", caption.encode("utf-8"))  # last: the pair is now complete
+        self._entries[post_id] = (image.name, len(data))
+        self.bytes += len(data)
+        return Pair(image, caption)
+
+    def drop(self, post_id: int) -> None:
+        """Remove a pair (its caption first: no caption, no pair)."""
+        entry = self._entries.pop(post_id, None)
+        if entry is not None:
+            self.bytes -= entry[1]
+            (self.root / f"{post_id}.txt").unlink(missing_ok=True)
+            (self.root / entry[0]).unlink(missing_ok=True)
+
+    def evict(self, keep: Collection[int] = ()) -> int:
+        """Remove least recently used pairs, except those in `keep`, until within the bound; how many."""
+        removed = 0
+        for post_id in list(self._entries):
+            if self.bytes <= self.max_bytes:
+                break
+            if post_id not in keep:
+                self.drop(post_id)
+                removed += 1
+        if self.bytes > self.max_bytes:
+            log.warning("work dir %s holds %.1f MB of pairs in use, over its %.1f MB bound",
+                        self.root, self.bytes / 1e6, self.max_bytes / 1e6)
+        return removed
+
+
+def caption_key(**settings: object) -> str:
+    return json.dumps(settings, sort_keys=True)

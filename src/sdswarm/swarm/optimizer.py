@@ -17,8 +17,8 @@ COMPRESSIONS: dict[str, type[CompressionBase]] = {
 }
 
 
-class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the gradient it is about to apply.
+class ClipGradNorm:
+    """Mixin for an optimizer class: clip the gradient it is about to apply.
 
     hivemind hands the inner optimizer the swarm-averaged gradient, so the norm is clipped
     once per global step on the gradient that is really applied (not on each peer's micro-batch).
@@ -37,6 +37,22 @@ class ClippedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class ClippedAdamW(ClipGradNorm, torch.optim.AdamW):
+    """torch AdamW, clipped as ClipGradNorm says."""
+
+
+def clipped_adamw_8bit() -> type[torch.optim.Optimizer]:
+    """bitsandbytes' AdamW8bit, clipped as ClipGradNorm says (train.optimizer_8bit)."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise RuntimeError(
+            "train.optimizer_8bit needs the bitsandbytes package, which is not installed (or does not load: "
+            f"{exc}). Install it with: pip install bitsandbytes (needs a CUDA GPU), or set train.optimizer_8bit: false"
+        ) from exc
+    return type("ClippedAdamW8bit", (ClipGradNorm, bitsandbytes.optim.AdamW8bit), {})
+
+
 def make_optimizer(
     *,
     dht: hivemind.DHT,
@@ -48,6 +64,7 @@ def make_optimizer(
     eps: float,
     weight_decay: float,
     max_grad_norm: float | None,
+    optimizer_8bit: bool = False,
     verbose: bool = True,
 ) -> hivemind.Optimizer:
     """Only trainable tensors may be given: hivemind would average frozen ones too.
@@ -56,9 +73,10 @@ def make_optimizer(
     the samples of all peers, so no peer scales it by its own batch size.
     """
     compression = COMPRESSIONS[swarm.compression]()
+    inner_class = clipped_adamw_8bit() if optimizer_8bit else ClippedAdamW  # fails here, before any heavy work
 
     def inner_optimizer(parameters):
-        return ClippedAdamW(
+        return inner_class(
             parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm
         )
 
@@ -79,6 +97,8 @@ def make_optimizer(
         state_averaging_compression=compression,
         # hivemind.Optimizer drops a given client_mode in favour of None; pass the DHT's own explicitly
         client_mode=dht.client_mode,
+        # hivemind keeps the optimizer in host memory by default; bitsandbytes' 8-bit kernels want it on the GPU
+        offload_optimizer=False if optimizer_8bit else None,
         verbose=verbose,
     )
     _undo_virtual_step(optimizer)

@@ -23,6 +23,7 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
 from sdswarm.model.text import PromptEncoder, drop_captions
 from sdswarm.train.checkpoint import Checkpoints
+from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
 from sdswarm.train.step import diffusion_loss, encode_latents
 
@@ -42,6 +43,10 @@ class LoopSettings:
     sample_size: tuple[int, int]
     sample_steps: int
     sample_guidance: float
+    bf16: bool = False  # never with fp16 (the config forbids it); no GradScaler needed
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    latent_cache_size: int = 0  # images whose VAE posterior is kept (train.cache_latents); 0: off
 
 
 @dataclass
@@ -61,6 +66,10 @@ class Progress:
     swarm_samples: int = 0  # samples the swarm has collected toward the target batch
     target_batch_size: int = 0
     checkpoints: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures as plain values (for metrics.jsonl, telemetry and the UI)."""
+        return {k: v for k, v in asdict(self).items() if k != "checkpoints"}
 
 
 class Trainer:
@@ -87,8 +96,13 @@ class Trainer:
         self.noise_generator = torch.Generator(device).manual_seed(settings.seed)
         self.caption_rng = random.Random(settings.seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.fp16 and device.type == "cuda")
+        # mixed precision on CUDA only; fp32 on CPU
+        half = torch.float16 if settings.fp16 else torch.bfloat16 if settings.bf16 else None
+        self.autocast_dtype = half if device.type == "cuda" else None
+        self.latent_cache = LatentCache(settings.latent_cache_size) if settings.latent_cache_size else None
         self.progress = Progress(target_batch_size=optimizer.target_batch_size)
         self._last_saved_step = -1
+        self.checkpoint_requested = threading.Event()  # "save now" from the UI, honoured after this step
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -115,7 +129,8 @@ class Trainer:
                     window_start, window_samples = now, 0
                     self._publish(bar)
                 bar.update(1)
-                if p.step % s.checkpoint_every == 0:
+                if p.step % s.checkpoint_every == 0 or self.checkpoint_requested.is_set():
+                    self.checkpoint_requested.clear()
                     self.save_checkpoint()
                 if p.step % s.sample_every == 0:
                     self.save_samples()
@@ -136,17 +151,27 @@ class Trainer:
         """One local step: loss, backward, hand the gradient to hivemind (which steps when the swarm is ready)."""
         c = self.components
         captions = drop_captions(batch.captions, self.settings.ucg, self.caption_rng)
-        pixels = batch.pixels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
-            latents = encode_latents(c.vae, pixels, self.noise_generator)
+        s = self.settings
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            if self.latent_cache is not None:  # hashes the CPU pixels, encodes only images not seen this chunk
+                latents = self.latent_cache.latents(c.vae, batch.pixels, self.noise_generator)
+            else:
+                latents = encode_latents(c.vae, batch.pixels.to(self.device, non_blocking=True), self.noise_generator)
             with torch.set_grad_enabled(self.train_text_encoder):
                 embeddings = self.encoder(captions)
-            loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeddings, self.noise_generator)
+            loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeddings, self.noise_generator,
+                                  min_snr_gamma=s.min_snr_gamma, noise_offset=s.noise_offset)
         if not torch.isfinite(loss):  # never hand a NaN to the swarm
             log.warning("non-finite loss %s at step %d: batch skipped", loss.item(), self.progress.step + 1)
             self.progress.skipped_steps += 1
             return math.nan
         self.scaler.scale(loss).backward()
+        if not self.scaler.is_enabled() and not _gradients_finite(self.trainable):
+            # no GradScaler to catch it (fp32, bf16): an inf/NaN gradient would reach every peer's weights
+            log.warning("non-finite gradient at step %d: batch skipped", self.progress.step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.skipped_steps += 1
+            return loss.item()
         epoch_before, scale_before = self.optimizer.local_epoch, self.scaler.get_scale()
         # unscales the gradient first (so hivemind accumulates and the inner AdamW clips true gradients),
         # skips the step on fp16 overflow; without fp16 it is a plain optimizer.step()
@@ -194,7 +219,7 @@ class Trainer:
             epoch=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
             refresh=False,
         )
-        record = {k: v for k, v in asdict(p).items() if k != "checkpoints"}
+        record = p.snapshot()
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": time.time(), **record}) + "\n")
         if not bar.disable and bar.fp.isatty():
@@ -230,3 +255,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.noise_generator.set_state(state["rng"]["noise"])
         self.caption_rng.setstate(state["rng"]["captions"])
+
+
+def _gradients_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())

@@ -39,16 +39,19 @@ def render_grid(
     was_training = components.unet.training, components.text_encoder.training
     components.unet.eval()
     components.text_encoder.eval()
+    # the frozen VAE may be in half precision (fp16/bf16 on CUDA) while the UNet is fp32: decoding needs autocast
+    half_vae = components.vae.dtype != components.unet.dtype
     try:
-        images = pipeline(
-            prompt_embeds=prompt_embeds.to(components.unet.dtype),
-            negative_prompt_embeds=negative_embeds.to(components.unet.dtype),
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-        ).images
+        with torch.autocast(components.unet.device.type, dtype=components.vae.dtype, enabled=half_vae):
+            images = pipeline(
+                prompt_embeds=prompt_embeds.to(components.unet.dtype),
+                negative_prompt_embeds=negative_embeds.to(components.unet.dtype),
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+            ).images
     finally:
         components.unet.train(was_training[0])
         components.text_encoder.train(was_training[1])

@@ -15,15 +15,45 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Ge
     return latents.float() * vae.config.scaling_factor
 
 
+def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of each timestep: alpha_bar_t / (1 - alpha_bar_t)."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023), as diffusers' train_text_to_image has them:
+    min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v-prediction targets."""
+    ratio = snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / ratio
+    if prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    raise ValueError(f"min-SNR weighting needs an epsilon or v_prediction scheduler, not {prediction_type!r}")
+
+
 def diffusion_loss(
     unet: UNet2DConditionModel,
     noise_scheduler: DDPMScheduler,
     latents: torch.Tensor,
     text_embeddings: torch.Tensor,
     generator: torch.Generator | None,
+    *,
+    min_snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the target the scheduler was trained for, in fp32."""
+    """MSE between the UNet's prediction and the target the scheduler was trained for, in fp32.
+
+    noise_offset: noise += offset * randn(b, c, 1, 1), as in diffusers (the target is the offset noise).
+    min_snr_gamma: weight each sample's MSE by min_snr_weights. With both off, nothing extra is drawn from
+    `generator`, so the default step is the textbook one."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
         generator=generator, device=latents.device,
@@ -37,7 +67,10 @@ def diffusion_loss(
     else:
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not trainable here (epsilon, v_prediction)")
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    if min_snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, target.ndim)))
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)).mean()
 
 
 @torch.no_grad()
@@ -49,14 +82,16 @@ def fixed_seed_loss(
     batches,
     seed: int,
 ) -> float:
-    """Mean loss over the given batches with noise and timesteps from a fixed seed: comparable across a run."""
+    """Mean loss over the given batches with noise and timesteps from a fixed seed: comparable across a run
+    (and across runs: plain MSE, whatever weighting or noise offset training uses)."""
     generator = torch.Generator(unet.device).manual_seed(seed)
     was_training = unet.training
     unet.eval()
     try:
         losses = [
+            # a frozen text encoder may be in half precision (fp16/bf16 on CUDA) while the UNet is fp32
             diffusion_loss(unet, noise_scheduler, encode_latents(vae, b.pixels, generator),
-                           encode_prompts(b.captions), generator).item()
+                           encode_prompts(b.captions).to(unet.dtype), generator).item()
             for b in batches
         ]
     finally:

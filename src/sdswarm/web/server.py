@@ -1,4 +1,4 @@
-"""The node's HTTP server: the I.E endpoints (and later the UI), on a thread of its own."""
+"""The node's HTTP server: the I.E endpoints and the web UI (web/app.py), on a thread of its own."""
 
 from __future__ import annotations
 
@@ -37,14 +37,18 @@ def exchange_routes(
 
 
 class HttpServer:
-    """An aiohttp app served from a daemon thread; start() returns the port it really listens on."""
+    """An aiohttp app served from a daemon thread; start() returns the port it really listens on.
 
-    def __init__(self, routes: list[web.RouteDef], host: str, port: int) -> None:
-        self.app = web.Application(client_max_size=1 << 20)
+    `app` (e.g. the UI from web.app.create_app) gets `routes` added; without one a bare app serves them.
+    """
+
+    def __init__(self, routes: list[web.RouteDef], host: str, port: int, *, app: web.Application | None = None) -> None:
+        self.app = app if app is not None else web.Application(client_max_size=1 << 20)
         self.app.add_routes(routes)
         self.host, self.port = host, port
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # in-flight requests (a checkpoint download) get a few seconds at stop, not aiohttp's 60: stop() waits 10
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=3.0)
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-server", daemon=True)
 
     def start(self) -> int:

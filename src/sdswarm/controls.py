@@ -1,0 +1,140 @@
+"""What a running node shows its UI and the few things the UI may ask of it (web.app.NodeAccess)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sdswarm.swarm.settings import SETTINGS_FILE, NodeSettings, load_settings, save_settings, update_settings
+from sdswarm.swarm.telemetry import SwarmView
+from sdswarm.train.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+SWARM_REFRESH = 2.0  # seconds between DHT reads for the UI, however often it polls
+
+
+class LogTail(logging.Handler):
+    """The last lines of this node's log, kept in memory for its UI."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=capacity)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.lines.append(self.format(record))
+
+    @contextlib.contextmanager
+    def attached(self):
+        loggers = [logging.getLogger(), logging.getLogger("hivemind")]  # hivemind's does not propagate
+        for logger in loggers:
+            logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            for logger in loggers:
+                logger.removeHandler(self)
+
+
+class NodeControls:
+    """Snapshot and controls of one node. Training runs on the node's main thread; these are called from
+    the web server's threads and only read state or set events."""
+
+    def __init__(
+        self,
+        *,
+        trainer: Trainer,
+        settings_dir: Path,
+        run_id: str,
+        swarm_view: Callable[[], SwarmView],
+        data_stats: Callable[[], Any],
+        join_address: str | None,
+        announced: list[str],
+        log_tail: LogTail,
+        stop_training: threading.Event,
+        quit: threading.Event,
+    ) -> None:
+        self.trainer, self.output_dir, self._settings_dir = trainer, trainer.output_dir, settings_dir
+        self._run_id, self._swarm_view, self._data_stats = run_id, swarm_view, data_stats
+        self.join_address, self._announced, self._log_tail = join_address, announced, log_tail
+        self.state = "starting"
+        self.stop_training = stop_training  # stop(), Ctrl-C, SIGTERM: finish the step, checkpoint
+        self.quit = quit  # Ctrl-C, SIGTERM: the node exits once training stopped
+        self.resume = threading.Event()  # start() after a stop
+        self._swarm_cache: tuple[float, dict] = (-SWARM_REFRESH, {})
+        self._save_lock = threading.Lock()
+
+    # --- read ---
+
+    def status(self) -> dict:
+        stats = self._data_stats()
+        return {
+            "state": self.state,
+            "run_id": self._run_id,
+            "progress": self.trainer.progress.snapshot(),
+            "swarm": self._swarm(),
+            "data": stats if isinstance(stats, dict) else vars(stats),
+            "join_command": f"sdswarm join {self.join_address}" if self.join_address else None,
+            "announced": self._announced,
+        }
+
+    def _swarm(self) -> dict:
+        fetched_at, view = self._swarm_cache
+        if time.monotonic() - fetched_at >= SWARM_REFRESH:
+            try:
+                view = self._swarm_view().model_dump()
+            except Exception as exc:  # a slow or empty DHT must not break the page
+                log.debug("swarm view unavailable: %s", exc)
+            self._swarm_cache = (time.monotonic(), view)
+        return view
+
+    def history(self) -> list[dict]:
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines()[-20_000:]:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        return records
+
+    def log_tail(self, lines: int) -> list[str]:
+        return list(self._log_tail.lines)[-lines:]
+
+    def settings(self) -> NodeSettings:
+        return load_settings(self._settings_dir)
+
+    def update_settings(self, changes: dict) -> NodeSettings:
+        updated = update_settings(self.settings(), changes)
+        save_settings(updated, self._settings_dir)
+        log.info("node settings saved to %s: they apply when the node restarts", self._settings_dir / SETTINGS_FILE)
+        return updated
+
+    # --- controls ---
+
+    def start(self) -> None:
+        if self.state != "stopped":
+            raise RuntimeError(f"training is {self.state}, not stopped")
+        self.stop_training.clear()
+        self.resume.set()
+
+    def stop(self) -> None:
+        if self.state == "stopped":
+            raise RuntimeError("training is already stopped")
+        self.stop_training.set()
+
+    def save_checkpoint(self) -> None:
+        if self.state != "stopped":
+            self.trainer.checkpoint_requested.set()  # the training thread saves after its current step
+            return
+        with self._save_lock:  # stopped: nothing else touches the weights
+            self.trainer.save_checkpoint()

@@ -1,0 +1,301 @@
+"""The chunks this peer trains, one per round: drawn from the index by the shard plan, fetched from the
+bucket, checked and captioned, cached in the work dir; the next round is prepared in the background.
+
+A post that cannot be trained on (a half missing, bad JSON, empty caption, a bad image, ...) is discarded,
+counted by reason and logged; it never stops the run. `stats()` is a snapshot the log and the UI read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdswarm.config import DataConfig
+from sdswarm.data import images
+from sdswarm.data.bucket import Bucket, Fetched, FetchSettings, download, is_url
+from sdswarm.data.captions import DEFAULT_CATEGORIES, caption_from_post, check_categories
+from sdswarm.data.demo import BUILTIN_DEMO, make_demo_dataset, make_demo_index
+from sdswarm.data.index import Index, Post, build_from_folder
+from sdswarm.data.shards import ShardPlan, assign_slots
+from sdswarm.data.workdir import Pair, WorkDir, caption_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    categories: tuple[str, ...] = DEFAULT_CATEGORIES
+    separator: str = ", "
+    escape_parentheses: bool = False
+
+    def __post_init__(self) -> None:
+        check_categories(self.categories)
+
+    def key(self) -> str:
+        return caption_key(**asdict(self))
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What the data pipeline has done so far (since start-up)."""
+
+    chunks: int = 0  # rounds prepared
+    pairs_ready: int = 0  # pairs handed to training
+    pairs_fetched: int = 0  # of which downloaded (or read from a folder bucket), checked and cached
+    pairs_cached: int = 0  # of which found in the work dir
+    discarded: dict[str, int] = field(default_factory=dict)  # reason -> posts
+    bytes_fetched: int = 0
+    cache_pairs: int = 0
+    cache_bytes: int = 0
+    waited_s: float = 0.0  # time training waited for a chunk to be ready
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.discarded.items(), key=lambda kv: -kv[1]))
+        return (f"{self.pairs_ready} pairs ready in {self.chunks} chunks ({self.pairs_fetched} fetched, "
+                f"{self.pairs_cached} cached), {sum(self.discarded.values())} discarded ({reasons or 'none'}), "
+                f"{self.bytes_fetched / 1e6:.1f} MB fetched, cache {self.cache_pairs} pairs / "
+                f"{self.cache_bytes / 1e6:.1f} MB, waited {self.waited_s:.1f} s")
+
+
+class ChunkSource:
+    """`pairs(round)`: this peer's pairs for a round, in chunk order; the next round is prefetched."""
+
+    def __init__(
+        self,
+        *,
+        index: Index,
+        bucket: Bucket,
+        workdir: WorkDir,
+        plan: ShardPlan,
+        slot: int,
+        captions: CaptionSettings = CaptionSettings(),
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+        decode_workers: int = min(4, os.cpu_count() or 1),
+    ) -> None:
+        if plan.size != len(index):
+            raise ValueError(f"shard plan for {plan.size} posts, index has {len(index)}")
+        self.index, self.bucket, self.workdir, self.plan, self.slot = index, bucket, workdir, plan, slot
+        self.captions, self.max_pixels = captions, max_pixels
+        self._lock = threading.Lock()  # counters and the work dir are shared with the decode threads
+        self._counts: Counter[str] = Counter()
+        self._discarded: Counter[str] = Counter()
+        self._waited = 0.0
+        self._jobs: dict[int, Future[list[Pair]]] = {}
+        self._pinned: dict[int, set[int]] = {}  # round -> post ids its pairs need kept in the cache
+        self._decode = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="sdswarm-decode")
+        self._queue: queue.Queue[tuple[int, Future[list[Pair]]] | None] = queue.Queue()
+        # daemon: a download stuck in its timeouts must not hold the process open at exit
+        self._thread = threading.Thread(target=self._work, name="sdswarm-prefetch", daemon=True)
+        self._thread.start()
+
+    # --- the trainer's side ---------------------------------------------------------------------------
+
+    def pairs(self, round_index: int) -> list[Pair]:
+        """The round's pairs (blocking until ready); starts preparing the next round."""
+        job = self._job(round_index)
+        start = time.perf_counter()
+        result = job.result()
+        with self._lock:
+            self._waited += time.perf_counter() - start
+        self._job(round_index + 1)
+        keep = {round_index, round_index + 1}
+        for r in [r for r in self._jobs if r not in keep]:
+            del self._jobs[r]
+        with self._lock:
+            for r in [r for r in self._pinned if r not in keep]:
+                del self._pinned[r]
+        return result
+
+    def stats(self) -> DataStats:
+        with self._lock:
+            c = self._counts
+            return DataStats(
+                chunks=c["chunks"], pairs_ready=c["ready"], pairs_fetched=c["fetched"], pairs_cached=c["cached"],
+                discarded=dict(self._discarded), bytes_fetched=c["bytes"], cache_pairs=len(self.workdir),
+                cache_bytes=self.workdir.bytes, waited_s=self._waited,
+            )
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._decode.shutdown(wait=False, cancel_futures=True)
+        self._thread.join(timeout=1.0)
+
+    def _job(self, round_index: int) -> Future[list[Pair]]:
+        if round_index not in self._jobs:
+            self._jobs[round_index] = Future()
+            self._queue.put((round_index, self._jobs[round_index]))
+        return self._jobs[round_index]
+
+    # --- the prefetch thread --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            round_index, job = item
+            if not job.set_running_or_notify_cancel():
+                continue
+            try:
+                job.set_result(self._materialize(round_index))
+            except BaseException as exc:  # handed to the trainer, which raises it
+                job.set_exception(exc)
+
+    def _materialize(self, round_index: int) -> list[Pair]:
+        start = time.perf_counter()
+        before = self.stats()
+        posts = self.index.posts_at(self.plan.chunk(round_index, self.slot))
+        with self._lock:
+            self._pinned[round_index] = {p.post_id for p in posts}
+        ready: dict[int, Pair] = {}
+        missing: list[Post] = []
+        for post in posts:
+            pair = self._cached(post)
+            if pair is None:
+                missing.append(post)
+            else:
+                ready[post.post_id] = pair
+        cached = len(ready)
+
+        async def fetch_all() -> None:
+            loop = asyncio.get_running_loop()
+
+            async def handle(fetched: Fetched) -> None:
+                with self._lock:
+                    self._counts["bytes"] += fetched.nbytes
+                if fetched.reason is not None:
+                    self._discard(fetched.post, fetched.reason)
+                    return
+                pair = await loop.run_in_executor(self._decode, self._admit, fetched)
+                if pair is not None:
+                    ready[fetched.post.post_id] = pair
+
+            await self.bucket.fetch_many(missing, handle)
+
+        if missing:
+            asyncio.run(fetch_all())
+        pairs = [ready[p.post_id] for p in posts if p.post_id in ready]
+        with self._lock:
+            self.workdir.evict(keep=set().union(*self._pinned.values()))
+            self._counts["chunks"] += 1
+            self._counts["ready"] += len(pairs)
+            self._counts["cached"] += cached
+        after = self.stats()
+        discarded = {r: n - before.discarded.get(r, 0) for r, n in after.discarded.items()
+                     if n > before.discarded.get(r, 0)}
+        log.info("round %d: %d of %d posts ready (%d fetched, %d cached) in %.1f s; discarded: %s; "
+                 "%.1f MB fetched; cache %d pairs, %.1f MB", round_index, len(pairs), len(posts),
+                 after.pairs_fetched - before.pairs_fetched, cached,
+                 time.perf_counter() - start, discarded or "none",
+                 (after.bytes_fetched - before.bytes_fetched) / 1e6, after.cache_pairs, after.cache_bytes / 1e6)
+        return pairs
+
+    def _cached(self, post: Post) -> Pair | None:
+        with self._lock:
+            pair = self.workdir.get(post.post_id)
+        if pair is None:
+            return None
+        try:
+            info = images.probe(pair.image, max_pixels=self.max_pixels)
+        except images.ImageRejected:  # damaged on disk since: fetch it again
+            with self._lock:
+                self.workdir.drop(post.post_id)
+            return None
+        pair.size = (info.width, info.height)
+        return pair
+
+    def _admit(self, fetched: Fetched) -> Pair | None:
+        """Decode-thread half: caption and check a fetched pair, then cache it. None if discarded."""
+        post, c = fetched.post, self.captions
+        assert fetched.image is not None and fetched.meta is not None
+        try:
+            caption = caption_from_post(json.loads(fetched.meta.decode("utf-8-sig")), c.categories, c.separator,
+                                        c.escape_parentheses)
+        except ValueError:  # not JSON, not UTF-8, or not a post shape we know
+            self._discard(post, "bad json")
+            return None
+        if not caption:
+            self._discard(post, "empty caption")
+            return None
+        try:
+            info = images.check(fetched.image, post.ext, max_pixels=self.max_pixels)
+        except images.ImageRejected as rejected:
+            self._discard(post, rejected.reason, str(rejected))
+            return None
+        with self._lock:
+            pair = self.workdir.put(post.post_id, post.ext, fetched.image, caption)
+            self._counts["fetched"] += 1
+        pair.size = (info.width, info.height)
+        return pair
+
+    def _discard(self, post: Post, reason: str, detail: str = "") -> None:
+        log.debug("post %d discarded: %s", post.post_id, detail or reason)
+        with self._lock:
+            self._discarded[reason] += 1
+
+
+def resolve_index(location: str | None, *, folder: Path | None, out: Path) -> Path:
+    """The index file to use: `location` (a path, or an http(s) URL fetched once into `out`), else one built
+    from `folder` into `out` (rebuilt when it was built from another folder)."""
+    if location and is_url(location):
+        if not out.is_file():
+            log.info("downloading the index %s", location)
+            download(location, out)
+        return out
+    if location:
+        return Path(location)
+    if folder is None:
+        raise ValueError("data.index is required when data.source is a URL: the posts to fetch come from it")
+    if out.is_file():
+        with Index(out) as existing:
+            if existing.meta.get("source") == str(folder.resolve()):
+                return out
+    log.info("indexing %s into %s", folder, out)
+    log.info("index %s: %s", out, build_from_folder(folder, out))
+    return out
+
+
+def open_chunks(
+    data: DataConfig,
+    *,
+    seed: int,
+    peer_id: str,
+    workdir: Path,
+    index_out: Path,
+    demo_dir: Path,
+    peers: Sequence[str] | None = None,
+) -> ChunkSource:
+    """The data section -> this peer's chunk source. `peers`: a membership view all peers share, for distinct
+    slots (see shards.py); without one, the peer takes its preferred slot. `index_out`: where an index built
+    from a folder or downloaded goes; `demo_dir`: where builtin:demo is generated."""
+    if data.source == BUILTIN_DEMO:
+        folder: Path | None = make_demo_dataset(demo_dir)
+        index_path = make_demo_index(demo_dir)
+    else:
+        folder = None if is_url(data.source) else Path(data.source)
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"data.source {data.source!r} is not a folder, an http(s) URL or builtin:demo")
+        index_path = resolve_index(data.index, folder=folder, out=index_out)
+    settings = FetchSettings(concurrency=data.fetch_concurrency, timeout_s=data.fetch_timeout,
+                             max_bytes=int(data.max_file_mb * 1e6), retries=data.fetch_retries)
+    bucket = Bucket(str(folder) if folder is not None else data.source, data.json_source, settings)
+    index = Index(index_path)
+    if len(index) == 0:
+        raise ValueError(f"the index {index.path} holds no trainable posts (skipped: {index.meta.get('skipped')})")
+    plan = ShardPlan(seed=seed, size=len(index), images_per_chunk=data.images_per_chunk, shards=data.shards)
+    slot = assign_slots(seed, [*(peers or ()), peer_id], data.shards)[peer_id]
+    captions = CaptionSettings(tuple(data.caption_categories), data.caption_separator,
+                               data.caption_escape_parentheses)
+    cache = WorkDir(workdir, int(data.workdir_max_gb * 1e9), caption_key=captions.key())
+    log.info("data: %d posts in %s, files from %s; slot %d of %d; about %d posts per chunk, %d rounds per pass "
+             "over the index; work dir %s (%d pairs cached)", len(index), index.path, bucket, slot, data.shards,
+             len(index) // plan.chunks_per_epoch, plan.rounds_per_epoch, workdir, len(cache))
+    return ChunkSource(index=index, bucket=bucket, workdir=cache, plan=plan, slot=slot, captions=captions,
+                       max_pixels=data.max_image_pixels)

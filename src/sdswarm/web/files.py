@@ -1,0 +1,144 @@
+"""The files the UI offers: checkpoints (as a zip built on the fly, or a single-file export) and sample grids.
+
+Only what these listings return can be downloaded: a requested name is looked up in the listing, never
+joined onto a path, so `../`, absolute paths, symlinks out of the folder and odd names all answer 404.
+The layout is the one train/checkpoint.py and train/samples.py write (not imported: they pull in torch):
+    OUTPUT/checkpoints/step_NNNNNNNN/   a diffusers folder + training_state.pt + config.yaml
+    OUTPUT/checkpoints/step_NNNNNNNN/*.safetensors   a single-file export, when one was made
+    OUTPUT/samples/step_NNNNNNNN.png
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
+SAMPLE_NAME = re.compile(r"^step_(\d{8,})\.png$")
+STATE_FILE = "training_state.pt"  # present once a checkpoint is complete (see train/checkpoint.py)
+# left out of every download: the checkpoint's config.yaml names this machine's folders (output, data source)
+PRIVATE_FILES = {"config.yaml"}
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    step: int
+    path: Path
+    time: float  # when it was written
+    single_file: Path | None  # an original-layout .safetensors export inside the folder, if any
+
+    def files(self, *, with_state: bool) -> list[tuple[Path, str]]:
+        """(file, name in the zip) for every regular file below the folder; symlinks are not followed."""
+        found = []
+        for folder, dirs, names in os.walk(self.path, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                path = Path(folder) / name
+                rel = path.relative_to(self.path).as_posix()
+                if name.startswith(".") or path.is_symlink() or not path.is_file() or rel in PRIVATE_FILES:
+                    continue
+                if path == self.single_file or (rel == STATE_FILE and not with_state):
+                    continue
+                found.append((path, f"{self.name}/{rel}"))
+        return found
+
+
+def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints, newest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for entry in entries:
+        match = CHECKPOINT_NAME.match(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir():
+            continue
+        path = Path(entry.path)
+        state = path / STATE_FILE
+        if not state.is_file():
+            continue  # still being written or broken: never offered
+        exports = sorted(p for p in path.glob("*.safetensors") if p.is_file() and not p.is_symlink())
+        found.append(Checkpoint(name=entry.name, step=int(match.group(1)), path=path, time=state.stat().st_mtime,
+                                single_file=exports[0] if exports else None))
+    return sorted(found, key=lambda c: -c.step)
+
+
+def find_checkpoint(output_dir: Path, name: str) -> Checkpoint | None:
+    return next((c for c in list_checkpoints(output_dir) if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    step: int
+    path: Path
+    time: float
+
+
+def list_samples(output_dir: Path) -> list[Sample]:
+    """Sample grids, newest first."""
+    try:
+        entries = list(os.scandir(Path(output_dir) / "samples"))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = SAMPLE_NAME.match(entry.name)
+        if match and not entry.is_symlink() and entry.is_file():
+            found.append(Sample(entry.name, int(match.group(1)), Path(entry.path), entry.stat().st_mtime))
+    return sorted(found, key=lambda s: -s.step)
+
+
+def find_sample(output_dir: Path, name: str) -> Sample | None:
+    return next((s for s in list_samples(output_dir) if s.name == name), None)
+
+
+def folder_size(checkpoint: Checkpoint, *, with_state: bool) -> int:
+    return sum(path.stat().st_size for path, _ in checkpoint.files(with_state=with_state))
+
+
+class _Sink:
+    """A write-only, unseekable file for zipfile (which then writes data descriptors): bytes go out in
+    1 MB pieces through `send`, which blocks until the client has taken them, so memory stays bounded."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self.send, self.buffer = send, bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        if len(self.buffer) >= CHUNK:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.send(bytes(self.buffer))
+            self.buffer.clear()
+
+
+def write_zip(files: list[tuple[Path, str]], send: Callable[[bytes], None]) -> None:
+    """Stream a zip of `files` through `send`. Stored, not deflated: weights do not compress, and the
+    zip is built as fast as the disk reads."""
+    sink = _Sink(send)
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for path, arcname in files:
+            # knows the size (zip64 only where needed); a pre-1980 mtime is clamped, not an error
+            info = zipfile.ZipInfo.from_file(path, arcname, strict_timestamps=False)
+            info.compress_type = zipfile.ZIP_STORED
+            with open(path, "rb") as source, archive.open(info, "w") as target:
+                for piece in _read(source):
+                    target.write(piece)
+    sink.flush()
+
+
+def _read(handle) -> Iterator[bytes]:
+    while piece := handle.read(CHUNK):
+        yield piece
