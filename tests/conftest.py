@@ -21,6 +21,10 @@ def sdswarm_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sdswarm-cache")
     previous = os.environ.get("SDSWARM_CACHE")
     os.environ["SDSWARM_CACHE"] = str(path)  # inherited by peers started as subprocesses
+    # build the tiny model once, up front: peers started later must not each wait for (or race) the build
+    from sdswarm.model.loading import TINY_MODEL_ID, load_components
+
+    load_components(TINY_MODEL_ID)
     yield path
     if previous is None:
         os.environ.pop("SDSWARM_CACHE", None)

@@ -78,7 +78,7 @@ class Peer:
         metrics = self.metrics()
         return metrics[-1]["local_epoch"] if metrics else 0
 
-    def wait_until(self, condition, what: str, timeout: float = 180) -> None:
+    def wait_until(self, condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process is not None and self.process.poll() not in (None, 0):

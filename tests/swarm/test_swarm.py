@@ -36,7 +36,7 @@ def unet_weights(peer: Peer) -> dict[str, torch.Tensor]:
 
 def test_three_peers_train_one_model(peers):
     mother = peers("mother", max_steps=30, **{"swarm.min_peers": 3}).start()
-    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=120)
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     joiners = [peers(f"joiner{i}", join=mother.address, max_steps=30).start() for i in (1, 2)]
     everyone = [mother, *joiners]
     for peer in everyone:
@@ -61,7 +61,7 @@ def test_three_peers_train_one_model(peers):
 
 def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers):
     mother = peers("mother", max_steps=1000, **{"swarm.min_peers": 2}).start()
-    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=120)
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     first = peers("first", join=mother.address, max_steps=1000).start()
     mother.wait_until(lambda: mother.epoch() >= 3, "epoch 3")
 
