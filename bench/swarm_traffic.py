@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.213.0"  # the only addresses used: inside the two namespaces this script creates
 IE_PORT, DHT_PORT = 8765, 31337
 ROLES = ("mother", "joiner")
+BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "uniform8bit": 1}  # the 8-bit codebook (256 floats a part) left out
 POLL = 0.2  # seconds between samples of the byte counters
 CHECK = 1.0  # seconds between looks at the peers' logs and metrics
 
@@ -198,6 +199,7 @@ class Scenario:
     late_join: bool = True
     timeout_scale: float = 1.0
     epochs: int | None = None  # None: --epochs
+    budget: float = 1.0  # x --scenario-timeout
 
 
 @dataclass
@@ -216,7 +218,6 @@ class Result:
     join_bytes: float = float("nan")  # received from the download request until then
     window_downloads: dict = field(default_factory=dict)  # role -> state downloads inside the measured window
     window_epochs: tuple[int, int] | None = None  # the mother's epochs whose boundaries delimit the window
-    background: dict = field(default_factory=dict)  # role -> bytes/s sent between rounds (estimate)
     partial: dict = field(default_factory=dict)  # role -> hivemind "received N% ..." warnings in the window
     grad_rounds: dict = field(default_factory=dict)  # role -> "Averaged gradients with 2 peers" in the window
     state_rounds: dict = field(default_factory=dict)
@@ -260,7 +261,8 @@ def epoch_start_times(rows: list[dict]) -> dict[int, float]:
 TWO_PEERS = "Averaged gradients with 2 peers"
 # what makes a stretch of epochs unclean: a state download, a failed or cancelled averaging step
 TROUBLE = ("Downloading parameters", "out of sync", "failed", "could not find a group", "Task exception",
-           "Skipped averaging")
+           "Skipped averaging", "there are no other peers", "Proceeding with local gradients")
+ALONE = "there are no other peers"  # hivemind's tracker sees no other peer: it trains on alone
 # hivemind's "Averaged ... with 2 peers" is logged even when a part of the tensors never arrived
 PARTIAL = re.compile(r"received \d+(\.\d+)?% ")
 
@@ -289,6 +291,14 @@ def settled(peers: dict[str, Peer], rounds: int = 2) -> bool:
     last = max(trouble_times(peers), default=0.0)
     return all(sum(TWO_PEERS in line and t > last for t, line in timed_lines(peer)) >= rounds
                for peer in peers.values())
+
+
+def split(peers: dict[str, Peer], span: float = 30.0) -> bool:
+    """Both peers have trained alone for `span` seconds: each logs that it sees no other peer, neither averaged."""
+    now = time.time()
+    recent = {role: [line for t, line in timed_lines(peer) if t > now - span] for role, peer in peers.items()}
+    return all(any(ALONE in line for line in lines) and not any(TWO_PEERS in line for line in lines)
+               for lines in recent.values())
 
 
 def find_window(peers: dict[str, Peer], first: int, epochs: int, clean: bool = True) -> tuple[int, int] | None:
@@ -326,6 +336,7 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, folder: Path, tag
         "swarm.allreduce_timeout": args.averaging_timeout * scale,
         "swarm.load_state_timeout": args.averaging_timeout * scale * 2,
         "swarm.min_peers": 1 if scenario.late_join else 2,
+        **dict(pair.split("=", 1) for pair in args.mother_sets),
     }
     own_sets = {"train.batch_size": args.batch_size, "train.max_steps": 100000, "output.log_every": 1,
                 "output.checkpoint_every": 10**8, "output.sample_every": 10**8, "output.sample_steps": 1}
@@ -338,18 +349,27 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, folder: Path, tag
         peers = {role: Peer(role, link, folder, cli, args.cache)
                  for role, cli in (("mother", mother_cli), ("joiner", joiner_cli))}
         timeline = Timeline()
+        scenario_deadline = time.monotonic() + args.scenario_timeout * scenario.budget
+
+        def joiner_training() -> bool:  # 30 s after its first step
+            rows = peers["joiner"].metrics()
+            return bool(rows) and time.time() - rows[0]["time"] > 30
 
         def wait(condition, what: str, timeout: float) -> None:
             """Sample the counters every POLL seconds until `condition()` (checked every CHECK seconds)."""
-            deadline = time.monotonic() + timeout
+            deadline = min(time.monotonic() + timeout, scenario_deadline)
             while True:
                 timeline.sample(peers)
                 if condition():
                     return
                 for peer in peers.values():
                     peer.check_alive()
+                if joiner_training() and split(peers):
+                    raise RuntimeError("the pair split: both peers have trained alone for 30 s, each seeing no "
+                                       "other peer in the DHT")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what} did not happen in {timeout:.0f} s")
+                    limit = "the scenario's time limit" if deadline == scenario_deadline else f"{timeout:.0f} s"
+                    raise TimeoutError(f"{what} did not happen within {limit}")
                 next_check = time.monotonic() + CHECK
                 while time.monotonic() < next_check:
                     time.sleep(POLL)
@@ -391,13 +411,13 @@ def measure(scenario: Scenario, args: argparse.Namespace, peers: dict[str, Peer]
     per_epoch = max(30.0, 3 * args.averaging_timeout) * scale
     found = lambda: find_window(peers, first, epochs)  # noqa: E731
     try:
-        wait(lambda: found() is not None, "", per_epoch * (epochs + args.extra_epochs))
+        wait(lambda: found() is not None, f"{epochs} clean epochs in a row", per_epoch * (epochs + args.extra_epochs))
         result.window_epochs = found()
-    except TimeoutError:
-        result.window_epochs = find_window(peers, first, epochs, clean=False)
-        limit = per_epoch * (epochs + args.extra_epochs)
-        result.problems.append(f"no {epochs} clean epochs in a row within {limit:.0f} s: measured the least "
-                               "troubled stretch")
+    finally:  # also on a timeout or a split: the least troubled stretch, if any, with a note
+        if result.window_epochs is None:
+            result.window_epochs = find_window(peers, first, epochs, clean=False)
+            if result.window_epochs:
+                result.problems.append(f"no {epochs} clean epochs in a row: measured the least troubled stretch")
 
 
 def join_figures(joiner: Peer, timeline: Timeline, result: Result) -> None:
@@ -433,7 +453,6 @@ def window_figures(peers: dict[str, Peer], timeline: Timeline, result: Result) -
     for role, peer in peers.items():
         if (a := timeline.at(role, t0)) and (b := timeline.at(role, t1)):
             result.sent[role], result.received[role] = (b[0] - a[0]) / n, (b[1] - a[1]) / n
-        result.background[role] = background_rate(timeline, role, t0, t1)
         window = [line for t, line in timed_lines(peer) if t0 <= t <= t1]
         result.grad_rounds[role] = sum(TWO_PEERS in line for line in window)
         result.state_rounds[role] = sum("Averaged parameters with 2 peers" in line for line in window)
@@ -448,18 +467,6 @@ def window_figures(peers: dict[str, Peer], timeline: Timeline, result: Result) -
             result.problems.append(f"{role}: {len(errors)} ERROR line(s) in the window, e.g. {errors[-1][:140]}")
         if epoch_start_times(peer.metrics()).get(reached[-1]) is None:
             result.problems.append(f"{role} did not reach epoch {reached[-1]}")
-
-
-def background_rate(timeline: Timeline, role: str, t0: float, t1: float) -> float:
-    """Bytes/s sent between averaging rounds (DHT, progress reports, matchmaking): the median of 1-second rates
-    over the window, as rounds fill only a minority of its seconds. An estimate."""
-    rates = []
-    t = t0
-    while t + 1 <= t1:
-        if (a := timeline.at(role, t)) and (b := timeline.at(role, t + 1)):
-            rates.append(b[0] - a[0])
-        t += 1
-    return sorted(rates)[len(rates) // 2] if rates else float("nan")
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -487,7 +494,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 def report(results: list[Result], param_count: int, parts: dict[str, int], args: argparse.Namespace) -> str:
     fp32 = 4 * param_count
     nan = float("nan")
-    out = [f"model builtin:tiny: {param_count:,} trainable parameters ("
+    out = ["command: " + " ".join(sys.argv), f"model builtin:tiny: {param_count:,} trainable parameters ("
            + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + f") = {mb(fp32)} in fp32",
            f"swarm: 2 peers, target batch {args.target_batch_size}, batch {args.batch_size}, matchmaking "
            f"{args.matchmaking_time:g} s, averaging timeout {args.averaging_timeout:g} s; "
@@ -503,22 +510,25 @@ def report(results: list[Result], param_count: int, parts: dict[str, int], args:
     rows = []
     for r in uncapped:
         sent = per_peer(r, r.sent)
-        between = per_peer(r, r.background) * r.seconds_per_epoch
+        # a round between 2 peers: each sends the half the other reduces and the averaged half it reduced back
+        rounds_per_epoch = (r.grad_rounds.get("mother", 0) + r.state_rounds.get("mother", 0)) / max(r.epochs, 1)
+        expected = rounds_per_epoch * param_count * BYTES_PER_ELEMENT[r.scenario.compression]
         rounds = " ".join(f"{r.grad_rounds.get(role, 0)}/{r.state_rounds.get(role, 0)}"
                           + (f"({r.partial[role]}p)" if r.partial.get(role) else "") for role in ROLES)
         downloads = " ".join(str(r.window_downloads.get(role, 0)) for role in ROLES)
         rows.append([r.scenario.compression, str(r.epochs), f"{r.seconds_per_epoch:.2f}",
                      *(mb(getattr(r, kind).get(role, nan)) for role in ROLES for kind in ("sent", "received")),
-                     f"{sent / fp32:.2f}", ratio(sent, per_peer(base, base.sent) if base else nan), mb(between),
-                     f"{(sent - between) / fp32:.2f}", rounds, downloads])
+                     f"{sent / fp32:.2f}", ratio(sent, per_peer(base, base.sent) if base else nan),
+                     f"{expected / fp32:.2f}", mb(sent - expected),
+                     f"{(sent - expected) / r.seconds_per_epoch / 1e3:.0f} kB/s", rounds, downloads])
     out += ["1. bytes per epoch per peer on the veth between the two namespaces, uncapped. fp32 = the trainable "
-            "parameters x 4 bytes; between rounds: median 1-s rate x s/epoch (DHT, progress, matchmaking), an "
-            "estimate; rounds: averaging rounds with 2 peers in the window, gradients/parameters, mother then "
-            "joiner, (Np): N hivemind warnings 'received X% of ...' (a partial round: a part never arrived); "
-            "downloads: state downloads in the window",
+            "parameters x 4 bytes. rounds: averaging rounds with 2 peers in the window, gradients/parameters, mother "
+            "then joiner; (Np): N hivemind warnings 'received X% of ...' (a partial round: a part never arrived). "
+            "theory: the mother's rounds per epoch x parameters x bytes per element (a 2-peer round sends 1x the "
+            "compressed tensor each way); extra: measured - theory. downloads: state downloads in the window",
             table(["compression", "epochs", "s/epoch", "mother sent", "mother recv", "joiner sent", "joiner recv",
-                   "sent/peer / fp32", "vs none", "between rounds", "rounds only / fp32", "rounds", "downloads"],
-                  rows), ""]
+                   "sent/peer / fp32", "vs none", "theory / fp32", "extra/epoch", "extra rate", "rounds",
+                   "downloads"], rows), ""]
 
     rows = []
     for r in results:
@@ -605,6 +615,8 @@ def main() -> int:
         help="under --cap, start the joiner late as in the uncapped runs (default: both start together behind the "
              "start-up barrier: with the tiny model a late joiner may never catch up, see the docstring)")
     add("--low-cap-epochs", type=int, default=2, help="epochs measured under --low-cap (default: %(default)s)")
+    add("--scenario-timeout", type=float, default=300.0,
+        help="seconds a scenario may take (x1.5 under --cap, x2 under --low-cap) before what it has is reported")
     add("--extra-epochs", type=int, default=6,
         help="epochs beyond --epochs to wait for a clean stretch before measuring the least troubled one")
     add("--warmup-epochs", type=int, default=0, help="clean epochs skipped before the window (default: %(default)s)")
@@ -617,6 +629,9 @@ def main() -> int:
     add("--averaging-timeout", type=float, default=15.0,
         help="also allreduce; load-state gets 2x; x2 under --cap, x4 under --low-cap (default: %(default)s)")
     add("--cache", default="/tmp/bench-cache", help="SDSWARM_CACHE of the peers (default: %(default)s)")
+    add("--set", dest="mother_sets", action="append", default=[], metavar="KEY=VALUE",
+        help="another config key for the mother (the swarm's settings reach the joiner through it), "
+             "e.g. swarm.average_state_every=10")
     add("--keep", metavar="DIR", help="keep the peers' outputs and logs in DIR")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
@@ -626,11 +641,10 @@ def main() -> int:
     scenarios = [Scenario(c, c) for c in args.compressions.split(",") if c]
     if args.cap:
         scenarios.append(Scenario(f"{args.cap_compression}@{args.cap}", args.cap_compression, cap=args.cap,
-                                  late_join=args.cap_late_join, timeout_scale=2.0))
+                                  late_join=args.cap_late_join, timeout_scale=2.0, budget=1.5))
     if args.low_cap:
         scenarios.append(Scenario(f"{args.cap_compression}@{args.low_cap}", args.cap_compression, cap=args.low_cap,
-                                  late_join=False, timeout_scale=4.0,
-                                  epochs=args.low_cap_epochs))
+                                  late_join=False, timeout_scale=4.0, epochs=args.low_cap_epochs, budget=2.0))
 
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the namespaces and peers are always removed
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -644,7 +658,11 @@ def main() -> int:
         for i, scenario in enumerate(scenarios):
             print(f"[{time.time() - began:5.0f} s] scenario {scenario.name} ...", flush=True)
             tag = f"sdsb{os.getpid() % 100000}{i}"
-            results.append(run_scenario(scenario, args, workdir / scenario.name.replace("@", "-"), tag))
+            try:
+                results.append(run_scenario(scenario, args, workdir / scenario.name.replace("@", "-"), tag))
+            except KeyboardInterrupt:  # the scenario cleaned up after itself; report what is done
+                print("interrupted: the figures of the scenarios finished so far", file=sys.stderr)
+                break
         print()
         print(report(results, param_count, parts, args))
         print(f"total run time {time.time() - began:.0f} s")

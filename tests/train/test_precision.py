@@ -108,7 +108,7 @@ def true_gradient_norm(components, batch, seed: int) -> float:
     te.train()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        latents = vae.encode(batch.pixels).latent_dist.sample(generator=generator) * 0.18215
+        latents = vae.encode(batch.pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
     ids = tok(batch.captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)

@@ -30,7 +30,7 @@ def plain_pytorch_steps(components, batches: list[Batch], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
         with torch.no_grad():
-            latents = vae.encode(batch.pixels).latent_dist.sample(generator=generator) * 0.18215
+            latents = vae.encode(batch.pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
         ids = tok(batch.captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         embeddings = te(ids).last_hidden_state
         noise = torch.randn(latents.shape, generator=generator)
