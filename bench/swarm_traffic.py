@@ -1,25 +1,30 @@
-"""Swarm traffic figures (not a test): bytes per epoch against the model's size for each gradient compression,
-the time a late joiner needs to load the state, and epoch time under a bandwidth cap against uncapped.
+"""Swarm traffic figures (not a test): bytes per epoch against the model's size for each compression, the time a
+late joiner needs to load the state, and epoch time under a bandwidth cap against uncapped, measured in one run.
 
-    sudo .venv/bin/python bench/swarm_traffic.py [--cap 20mbit] [--low-cap 2mbit] [--epochs 4]
+    .venv/bin/python bench/swarm_traffic.py                  # none, fp16, uniform8bit, fp16 at 20mbit: ~9 min
+    .venv/bin/python bench/swarm_traffic.py --compressions fp16 --cap 5mbit --low-cap 2mbit   # network-bound
 
-Needs root (network namespaces, veth, tc). Every scenario starts two real `sdswarm` peers, each in a network
-namespace of its own, joined by one veth pair (10.213.0.1 <-> 10.213.0.2); no other address is used, and the
-namespaces are deleted at the end, also on error or Ctrl-C. The mother trains alone for a few epochs, then
-the joiner starts late, downloads the state and trains with it. The veth byte counters (each peer's namespace's
-/proc/PID/net/dev, polled) are read at the mother's epoch boundaries (metrics.jsonl), so traffic and epoch
-time are measured over whole epochs both peers trained together, after the late join and a warm-up epoch.
+Needs root (network namespaces, veth, tc). Each scenario starts two real `sdswarm` peers, each in a network
+namespace of its own, joined by one veth pair (10.213.0.1 <-> 10.213.0.2): no other address is used, and the
+namespaces go at the end of the scenario, also on an error or Ctrl-C. The veth byte counters (read through
+/proc/PID/net/dev of each peer, every 0.2 s) are taken at the mother's epoch boundaries (its metrics.jsonl), over
+the first run of whole epochs in which both peers averaged gradients together every epoch and neither log shows a
+state download or a failed, skipped or cancelled round (the 1 -> 2 peer transition is turbulent in hivemind).
 
-1. bytes sent/received per epoch per peer, against the trainable parameters in fp32 (4 bytes each), for
-   each compression; the ratio column is against the uncompressed run of the same invocation;
-2. the late joiner: from its process start, and from "downloading the current state" to "caught up", and the
-   bytes it received meanwhile, against the fp32 size of the trainable parameters;
-3. the same pair with `tc tbf` on both veth ends (each direction capped): seconds per epoch against the
-   uncapped run with the same compression. With --low-cap, a second, much lower cap (both peers start
-   together behind the start-up barrier there, no late join: the state download alone would take minutes).
+1. bytes sent/received per epoch per peer, against the trainable parameters in fp32 (4 bytes each), for each
+   compression, against the uncompressed run of the same invocation and against theory (a 2-peer round sends the
+   compressed tensor once each way; with swarm.average_state_every 1 an epoch is 2 rounds: gradients, parameters);
+2. the late joiner (uncapped scenarios: the mother trains alone first): its process start to the state request,
+   the first load_state_from_peers and the bytes it received, and the time until its first round with both peers;
+3. the pair with `tc tbf` on both veth ends (each direction capped): seconds per epoch against the uncapped run
+   with the same compression. Capped pairs start together behind the start-up barrier: with the tiny model a
+   solo mother finishes an epoch faster than a capped joiner downloads the state, so a late joiner re-downloads
+   forever (--cap-late-join shows it).
 
+Also printed: a compress/decompress round trip of each compression in this environment, and the rounds per window
+with hivemind's partial-round warnings ('received X% of ...'), which it logs while still reporting success.
 Peers run as in tests/swarm/peers.py: their own process group, OMP_NUM_THREADS=1, killed at the end of each
-scenario. Timings on a shared 2-core machine are noisy: read the ratios, not the absolute seconds.
+scenario. Timings on a shared 2-core machine are noisy: compare ratios from one run, not seconds across runs.
 """
 
 from __future__ import annotations
@@ -472,6 +477,12 @@ def window_figures(peers: dict[str, Peer], timeline: Timeline, result: Result) -
 # --- report ------------------------------------------------------------------------------------------------
 
 
+def rounds_text(r: Result) -> str:
+    """Averaging rounds with 2 peers in the window, gradients/parameters, mother then joiner; (Np): partial ones."""
+    return " ".join(f"{r.grad_rounds.get(role, 0)}/{r.state_rounds.get(role, 0)}"
+                    + (f"({r.partial[role]}p)" if r.partial.get(role) else "") for role in ROLES)
+
+
 def secs(value: float) -> str:
     return "-" if value != value else f"{value:.1f} s"
 
@@ -494,12 +505,16 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 def report(results: list[Result], param_count: int, parts: dict[str, int], args: argparse.Namespace) -> str:
     fp32 = 4 * param_count
     nan = float("nan")
-    out = ["command: " + " ".join(sys.argv), f"model builtin:tiny: {param_count:,} trainable parameters ("
-           + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + f") = {mb(fp32)} in fp32",
+    checks = ", ".join(f"{name} {verdict}" for name, verdict in compression_check().items())
+    parts_text = ", ".join(f"{k} {v:,}" for k, v in parts.items())
+    out = ["command: " + " ".join(sys.argv),
+           f"compression round trip in this environment: {checks}",
+           f"model builtin:tiny: {param_count:,} trainable parameters ({parts_text}) = {mb(fp32)} in fp32",
            f"swarm: 2 peers, target batch {args.target_batch_size}, batch {args.batch_size}, matchmaking "
-           f"{args.matchmaking_time:g} s, averaging timeout {args.averaging_timeout:g} s; "
-           "the window: whole epochs from the first epoch boundary after both peers averaged twice with no state "
-           "download or failed round in between", ""]
+           f"{args.matchmaking_time:g} s, averaging timeout {args.averaging_timeout:g} s (x2 under --cap, x4 under "
+           "--low-cap); window: the first run of whole epochs, once both peers averaged twice since the last "
+           "trouble, with a 2-peer gradient round in each and no state download, failed or skipped round in "
+           "either log", ""]
 
     uncapped = [r for r in results if r.scenario.cap is None]
     base = next((r for r in uncapped if r.scenario.compression == "none"), None)
@@ -513,8 +528,7 @@ def report(results: list[Result], param_count: int, parts: dict[str, int], args:
         # a round between 2 peers: each sends the half the other reduces and the averaged half it reduced back
         rounds_per_epoch = (r.grad_rounds.get("mother", 0) + r.state_rounds.get("mother", 0)) / max(r.epochs, 1)
         expected = rounds_per_epoch * param_count * BYTES_PER_ELEMENT[r.scenario.compression]
-        rounds = " ".join(f"{r.grad_rounds.get(role, 0)}/{r.state_rounds.get(role, 0)}"
-                          + (f"({r.partial[role]}p)" if r.partial.get(role) else "") for role in ROLES)
+        rounds = rounds_text(r)
         downloads = " ".join(str(r.window_downloads.get(role, 0)) for role in ROLES)
         rows.append([r.scenario.compression, str(r.epochs), f"{r.seconds_per_epoch:.2f}",
                      *(mb(getattr(r, kind).get(role, nan)) for role in ROLES for kind in ("sent", "received")),
@@ -558,17 +572,41 @@ def report(results: list[Result], param_count: int, parts: dict[str, int], args:
             link = busiest * 8 / rate_bits / r.seconds_per_epoch if rate_bits else nan
         rows.append([r.scenario.cap or "uncapped", str(r.epochs), f"{r.seconds_per_epoch:.2f}",
                      ratio(r.seconds_per_epoch, base_r.seconds_per_epoch if base_r else nan), mb(busiest),
-                     "-" if link != link else f"{100 * link:.0f}%",
+                     "-" if link != link else f"{100 * link:.0f}%", rounds_text(r),
                      "late join" if r.scenario.late_join else "barrier start"])
     out += [f"3. bandwidth cap (tbf on both veth ends), compression {args.cap_compression}: epoch time against "
             "uncapped",
-            table(["cap", "epochs", "s/epoch", "vs uncapped", "busiest direction/epoch", "cap busy", "start"],
-                  rows), ""]
+            table(["cap", "epochs", "s/epoch", "vs uncapped", "busiest direction/epoch", "cap busy", "rounds",
+                   "start"], rows), ""]
 
     problems = [f"  {r.scenario.name}: {p}" for r in results for p in r.problems]
+    problems += [f"  {r.scenario.name}: {sum(r.partial.values())} partial-round warnings in the window: a peer's part "
+                 "never arrived, so it was left out of the average (the round is still logged as 'Averaged ... with 2 "
+                 "peers'); besides a failing decompression, hivemind.Optimizer's next_chunk_timeout (= "
+                 "matchmaking_time unless given) cuts off a sender whose next chunk takes longer"
+                 for r in results if sum(r.partial.values())]
     out += ["notes:" if problems else "notes: no averaging failures or warnings in the measured windows", *problems]
     out.append("scenario wall times: " + ", ".join(f"{r.scenario.name} {r.wall:.0f} s" for r in results))
     return "\n".join(out)
+
+
+def compression_check() -> dict[str, str]:
+    """Compress and decompress a tensor with each of the config's compressions, in this environment."""
+    import torch
+    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.compression.base import CompressionInfo
+
+    from sdswarm.swarm.optimizer import COMPRESSIONS
+
+    tensor, verdicts = torch.randn(4096), {}
+    for name, compression_class in COMPRESSIONS.items():
+        try:
+            message = compression_class().compress(tensor, CompressionInfo.from_tensor(tensor, key=0))
+            error = (deserialize_torch_tensor(message) - tensor).abs().max().item()
+            verdicts[name] = f"ok ({len(message.buffer) / tensor.numel():.2f} B/value, max error {error:.1g})"
+        except Exception as exc:  # the finding itself: report it, do not stop
+            verdicts[name] = f"FAILS ({type(exc).__name__}: {exc})"
+    return verdicts
 
 
 def parse_rate(rate: str) -> float:
@@ -645,6 +683,10 @@ def main() -> int:
     if args.low_cap:
         scenarios.append(Scenario(f"{args.cap_compression}@{args.low_cap}", args.cap_compression, cap=args.low_cap,
                                   late_join=False, timeout_scale=4.0, epochs=args.low_cap_epochs, budget=2.0))
+
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        print(f"error: --keep {args.keep} is not empty (a peer would append to old metrics)", file=sys.stderr)
+        return 2
 
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the namespaces and peers are always removed
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -12,6 +12,7 @@ import transformers
 import yaml
 
 from sdswarm.config import ConfigError, load_config
+from sdswarm.data.index import add_build_arguments, build_index_cli
 
 log = logging.getLogger("sdswarm")
 
@@ -68,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "dht_port_internal=31337. Behind NAT, forward the external ports to the internal ones; "
                     "otherwise leave the external ports unset (matched pairs).",
     )
+    export = commands.add_parser("export", help="write a checkpoint as one .safetensors file (A1111, ComfyUI)")
+    export.add_argument("checkpoint", help="a checkpoint folder, e.g. output/checkpoints/step_00001000")
+    export.add_argument("out", help="the .safetensors file to write")
+    export.add_argument("--ema", action="store_true", help="the EMA weights (the run had use_ema: True)")
+    export.add_argument("--half", action="store_true", help="store fp16: half the size")
+
+    index = commands.add_parser("index", help="dataset index tools")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    add_build_arguments(index_commands.add_parser("build", help="build the SQLite index of posts"))
+
     settings.add_argument("changes", nargs="*", metavar="KEY=VALUE")
     settings.add_argument("--output", default="output", help="the node's folder (default: %(default)s)")
     return parser
@@ -81,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return show_status(args.address)
         if args.command == "settings":
             return edit_settings(Path(args.output), args.changes)
+        if args.command == "index":
+            return build_index_cli(args)
+        if args.command == "export":
+            return export(args.checkpoint, args.out, ema=args.ema, half=args.half)
         overrides = parse_pairs(args.overrides, "--set")
         if args.max_steps is not None:
             overrides["train.max_steps"] = args.max_steps
@@ -120,6 +135,18 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
     log.info("joining run %r through %s (%d DHT addresses)", info.config.swarm.run_id, info.base_url, len(info.peers))
     transformers.logging.set_verbosity_error()
     run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume)
+    return 0
+
+
+def export(checkpoint: str, out: str, *, ema: bool, half: bool) -> int:
+    from sdswarm.train.export import export_single_file
+
+    transformers.logging.set_verbosity_error()
+    try:
+        print(f"wrote {export_single_file(checkpoint, out, use_ema=ema, half=half)}")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

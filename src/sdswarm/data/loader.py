@@ -151,7 +151,7 @@ class BatchStream:
         try:
             for batch_index, indices in todo:
                 pending.append((batch_index, self._pool.submit(self._batch, pass_index, plan, indices)))
-                if len(pending) > 2 * self.num_workers:
+                if len(pending) > self.num_workers:  # one batch ready ahead; each holds B x 3 x H x W floats
                     yield from self._ready(pending.popleft())
             while pending:
                 yield from self._ready(pending.popleft())
