@@ -58,6 +58,10 @@ class DataConfig(Section):
 class TrainConfig(Section):
     batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="samples per local step")
     max_steps: PositiveInt | None = Field(None, description="stop after this many local steps; none: run on")
+    max_epochs: PositiveInt | None = Field(
+        None, description="stop when the swarm has made this many optimizer steps: every peer stops at the same "
+        "point with the same weights; none: run on"
+    )
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -35,7 +35,7 @@ from sdswarm.swarm.exchange import PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
-from sdswarm.swarm.telemetry import PeerMetrics, Publisher, read_swarm, wait_for_peers
+from sdswarm.swarm.telemetry import PeerMetrics, Publisher, read_swarm, wait_for_peers, wait_for_progress_from
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
 from sdswarm.train.loop import LoopSettings, Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss
@@ -137,7 +137,7 @@ def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
 
 
 def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False) -> RunSummary:
-    """Start the first node of a swarm (alone, it trains alone) and train until max_steps or a stop signal."""
+    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_epochs or a signal."""
     return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume)
 
 
@@ -213,7 +213,9 @@ def run_node(
         publisher.start()
         cleanup.callback(publisher.stop)
 
-        join_swarm(optimizer, dht, config.swarm, peer_id)
+        if not join_swarm(optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
+            trainer.after_first_step = partial(wait_for_progress_from, optimizer, config.swarm.min_peers,
+                                               config.swarm.startup_timeout)
 
         def eval_loss() -> float:
             return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
@@ -229,13 +231,13 @@ def run_node(
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
-    """Train until max_steps or a signal. A stop from the UI pauses training (after a checkpoint) and the
+    """Train until max_steps, max_epochs or a signal. A stop from the UI pauses training (after a checkpoint) and the
     node stays up, serving its UI, until it is started again or told to quit."""
     while True:
         controls.state = "training"
         trainer.run(controls.stop_training)
         if controls.quit.is_set() or not controls.stop_training.is_set():
-            return  # a signal, or max_steps reached
+            return  # a signal, or max_steps / max_epochs reached
         controls.state = "stopped"
         log.info("training stopped from the UI at step %d; start it again there, or Ctrl-C to quit",
                  trainer.progress.step)
@@ -246,16 +248,18 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
             return
 
 
-def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> None:
-    """Before the first step: catch up with a swarm already under way, or wait for the first peers."""
+def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
+    """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
         log.info("the swarm is at epoch %d, this peer at %d: downloading the current state from peers",
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
         log.info("caught up: now at epoch %d", optimizer.local_epoch)
-    elif swarm.min_peers > 1:
+        return True
+    if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
+    return False
 
 
 def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
@@ -300,7 +304,8 @@ def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | Non
 def loop_settings(config: Config, seed: int | None = None) -> LoopSettings:
     out = config.output
     return LoopSettings(
-        max_steps=config.train.max_steps, checkpoint_every=out.checkpoint_every, sample_every=out.sample_every,
+        max_steps=config.train.max_steps, max_epochs=config.train.max_epochs,
+        checkpoint_every=out.checkpoint_every, sample_every=out.sample_every,
         log_every=out.log_every, ucg=config.ucg, fp16=config.precision == "fp16",
         seed=config.seed if seed is None else seed,
         sample_prompts=out.sample_prompts, sample_size=(config.resolution, config.resolution),

@@ -35,15 +35,17 @@ def unet_weights(peer: Peer) -> dict[str, torch.Tensor]:
 
 
 def test_three_peers_train_one_model(peers):
-    mother = peers("mother", max_steps=30, **{"swarm.min_peers": 3}).start()
+    # train.max_epochs is the swarm's (joiners get it from the relay): all three stop after the same optimizer step
+    mother = peers("mother", max_steps=400, **{"swarm.min_peers": 3, "train.max_epochs": 6}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
-    joiners = [peers(f"joiner{i}", join=mother.address, max_steps=30).start() for i in (1, 2)]
+    joiners = [peers(f"joiner{i}", join=mother.address, max_steps=400).start() for i in (1, 2)]
     everyone = [mother, *joiners]
     for peer in everyone:
         assert peer.wait_exit(timeout=400) == 0, peer.log()[-4000:]
 
     assert any("Averaged gradients with 3 peers" in peer.log() for peer in everyone), "no round with all three"
     for peer in everyone:
+        assert "the swarm reached epoch 6 (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
         assert peer.log().count("Averaged gradients with") >= 3, f"{peer.name} hardly ever averaged"
         start, end = peer.eval_losses()
         assert end < 0.8 * start, f"{peer.name}: eval loss {start} -> {end}"
@@ -51,13 +53,18 @@ def test_three_peers_train_one_model(peers):
     # the peers hold one model: they differ far less than training moved them
     initial = load_components(TINY_MODEL_ID).unet.state_dict()
     weights = [unet_weights(peer) for peer in everyone]
-    moved = max((weights[0][k] - initial[k]).abs().max().item() for k in initial)
-    apart = max((w[k] - weights[0][k]).abs().max().item() for w in weights[1:] for k in initial)
-    # independent runs would differ by about as much as they moved; averaged peers by an epoch or two at most
-    assert moved > 1e-3 and apart < 0.5 * moved, (moved, apart)
+    moved = l2(weights[0][k] - initial[k] for k in initial)
+    apart = max(l2(w[k] - weights[0][k] for k in initial) for w in weights[1:])
+    # independent runs differ by about as much as they moved (ratio ~1), peers with one unshared epoch by ~0.1,
+    # peers that shared every round by fp16 rounding only (~0.005)
+    assert moved > 1e-2 and apart < 0.2 * moved, (moved, apart)
     # each peer drew its own data order and noise (seeded from the run seed and its identity)
     first_losses = {round(peer.metrics()[0]["loss"], 6) for peer in everyone}
     assert len(first_losses) == 3
+
+
+def l2(tensors) -> float:
+    return math.sqrt(sum(t.double().square().sum().item() for t in tensors))
 
 
 def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers):

@@ -111,3 +111,19 @@ def wait_for_peers(dht: hivemind.DHT, run_id: str, peer_id: str, count: int, tim
             return seen
         log.info("start-up barrier: %d of %d peers here, waiting", seen, count)
         threading.Event().wait(1.0)
+
+
+def wait_for_progress_from(optimizer: hivemind.Optimizer, count: int, timeout: float) -> int:
+    """Second half of the start-up barrier, after this peer's first local step.
+
+    hivemind's progress tracker hears of a peer only once it has reported samples, and looks again only every
+    few seconds. Without this wait a fast peer can reach the target batch on its own samples before it sees the
+    others, and its first epoch is a local step that the others never share. Returns the peers seen."""
+    tracker, deadline = optimizer.tracker, get_dht_time() + timeout
+    while (seen := tracker.global_progress.num_peers) < count and optimizer.local_epoch == 0:
+        if get_dht_time() >= deadline:
+            log.warning("start-up barrier: hivemind sees %d of %d peers after %.0f s; training anyway",
+                        seen, count, timeout)
+            break
+        threading.Event().wait(0.2)
+    return seen

@@ -9,7 +9,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ class LoopSettings:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     latent_cache_size: int = 0  # images whose VAE posterior is kept (train.cache_latents); 0: off
+    max_epochs: int | None = None  # swarm optimizer steps (global epochs), the same stop for every peer
 
 
 @dataclass
@@ -103,11 +104,12 @@ class Trainer:
         self.progress = Progress(target_batch_size=optimizer.target_batch_size)
         self._last_saved_step = -1
         self.checkpoint_requested = threading.Event()  # "save now" from the UI, honoured after this step
+        self.after_first_step: Callable[[], None] | None = None  # e.g. the swarm's start-up barrier
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> Progress:
-        """Train until max_steps or until `stop` is set; always ends with a checkpoint and a sample grid."""
+        """Train until max_steps, max_epochs or until `stop` is set; always ends with a checkpoint and a sample grid."""
         s, p = self.settings, self.progress
         self.components.unet.train()
         self.components.text_encoder.train(self.train_text_encoder)
@@ -115,10 +117,12 @@ class Trainer:
         window_start, window_samples = time.perf_counter(), 0
         try:
             batches = self.stream.iterate(p.data_pass, p.data_batch)
-            while not stop.is_set() and (s.max_steps is None or p.step < s.max_steps):
+            while not stop.is_set() and not self.finished():
                 data_pass, data_batch, batch = next(batches)
                 loss = self.train_step(batch)
                 p.step += 1
+                if p.step == 1 and self.after_first_step is not None:
+                    self.after_first_step()
                 p.samples_seen += len(batch.captions)
                 p.data_pass, p.data_batch = data_pass, data_batch + 1
                 window_samples += len(batch.captions)
@@ -146,6 +150,13 @@ class Trainer:
         self.save_checkpoint()
         self.save_samples()
         return p
+
+    def finished(self) -> bool:
+        s = self.settings
+        if s.max_epochs is not None and self.optimizer.local_epoch >= s.max_epochs:
+            log.info("the swarm reached epoch %d (train.max_epochs): done", self.optimizer.local_epoch)
+            return True
+        return s.max_steps is not None and self.progress.step >= s.max_steps
 
     def train_step(self, batch: Batch) -> float:
         """One local step: loss, backward, hand the gradient to hivemind (which steps when the swarm is ready)."""
