@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,6 +27,7 @@ from sdswarm.controls import LogTail, NodeControls
 from sdswarm.data.buckets import make_buckets
 from sdswarm.data.chunks import open_chunks
 from sdswarm.data.loader import BatchStream, CaptionShuffle
+from sdswarm.data.shards import choose_slot
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
@@ -85,12 +86,14 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
     return trainable
 
 
-def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mother") -> BatchStream:
-    """The batches this peer trains: its shard of the index (the slot from the run seed and `peer_id`),
-    ordered by `seed` (default: the run's)."""
+def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mother",
+                 choose_slot: Callable[[int | None], int] | None = None) -> BatchStream:
+    """The batches this peer trains: its shard of the index (the slot from the run seed and `peer_id`, or
+    from `choose_slot` before each round), ordered by `seed` (default: the run's)."""
     data = config.data
     chunks = open_chunks(data, seed=config.seed, peer_id=peer_id, workdir=data.workdir or config.output.dir / "workdir",
-                         index_out=config.output.dir / "index.db", demo_dir=default_cache_dir() / "demo-v1")
+                         index_out=config.output.dir / "index.db", demo_dir=default_cache_dir() / "demo-v1",
+                         choose_slot=choose_slot)
     buckets = make_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
                            step=data.bucket_step, max_ratio=data.bucket_max_ratio)
     tag_shuffle = CaptionShuffle(data.caption_separator, data.caption_keep_first) if data.caption_shuffle else None
@@ -170,9 +173,11 @@ def run_node(
         peer_id = str(dht.peer_id)
         seed = peer_seed(config.seed, peer_id, role)
 
-        stream = prepare_data(config, seed=seed, peer_id=peer_id)
+        # the data slot is chosen before each round among the slots the other peers publish (after the
+        # start-up barrier for the first): peers train disjoint posts without asking anyone
+        stream = prepare_data(config, seed=seed, peer_id=peer_id,
+                              choose_slot=partial(choose_data_slot, dht, config, peer_id))
         cleanup.callback(stream.close)
-        log.info("aspect buckets:\n%s", stream.describe())
         components = load_components(str(resume_from) if resume_from else config.model)
         trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
                                   fp16=config.precision == "fp16", bf16=config.precision == "bf16",
@@ -180,7 +185,6 @@ def run_node(
                                   attention=config.train.attention)
         encoder = PromptEncoder(components.tokenizer, components.text_encoder,
                                 extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate)
-        eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
 
         optimizer = make_optimizer(
             dht=dht, params=trainable, swarm=config.swarm, batch_size_per_step=config.train.batch_size,
@@ -208,14 +212,16 @@ def run_node(
         )
         address = start_http(config, settings, dht, controls, cleanup)
         display_role = "mother" if role == "mother" else settings.mode
-        publisher = Publisher(dht, config.swarm.run_id, partial(peer_metrics, trainer.progress, peer_id,
-                                                                 display_role, address))
+        publisher = Publisher(dht, config.swarm.run_id, lambda: peer_metrics(
+            trainer.progress, peer_id, display_role, address, stream.chunks.slot))
         publisher.start()
         cleanup.callback(publisher.stop)
 
         if not join_swarm(optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
             trainer.after_first_step = partial(wait_for_progress_from, optimizer, config.swarm.min_peers,
                                                config.swarm.startup_timeout)
+        log.info("aspect buckets:\n%s", stream.describe())  # the first round's data, in this peer's slot
+        eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
 
         def eval_loss() -> float:
             return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
@@ -294,11 +300,25 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     return address
 
 
-def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None) -> PeerMetrics:
+def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None,
+                 data_slot: int | None) -> PeerMetrics:
     loss = progress.loss_avg if math.isfinite(progress.loss_avg) else None
     return PeerMetrics(peer_id=peer_id, role=role, address=address, step=progress.step,
                        samples_seen=progress.samples_seen, loss=loss, samples_per_second=progress.samples_per_second,
-                       local_epoch=progress.local_epoch, time=time.time())
+                       local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time())
+
+
+def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:
+    """This peer's data slot for its next round, from the slots the other live peers publish."""
+    try:
+        view = read_swarm(dht, config.swarm.run_id, config.swarm.target_batch_size)
+    except Exception as exc:  # the DHT is having trouble: keep what we have (or our first choice)
+        log.warning("could not read the swarm's data slots (%s); keeping this peer's", exc)
+        view = None
+    others = {m.peer_id: m.data_slot for m in view.peers if m.peer_id != peer_id} if view else {}
+    if view is None and current is not None:
+        return current
+    return choose_slot(config.seed, peer_id, current, others, config.data.shards)
 
 
 def loop_settings(config: Config, seed: int | None = None) -> LoopSettings:

@@ -199,3 +199,22 @@ def test_builtin_demo_is_an_indexed_bucket(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_swarm_peer_picks_its_slot_before_each_round(tmp_path: Path) -> None:
+    kwargs = dict(seed=42, workdir=tmp_path / "work", index_out=tmp_path / "index.db", demo_dir=tmp_path / "demo")
+    asked: list[int | None] = []
+
+    def choose(current: int | None) -> int:  # a peer of higher priority shows up on slot 0 after round 0
+        asked.append(current)
+        return 0 if current is None else 1
+
+    chunks = open_chunks(data_config(shards=4, images_per_chunk=1000), peer_id="a", choose_slot=choose, **kwargs)
+    try:
+        first, second = {p.image.stem for p in chunks.pairs(0)}, {p.image.stem for p in chunks.pairs(1)}
+        assert asked[:2] == [None, 0] and chunks.slot == 1
+        planned = [{str(p.post_id) for p in chunks.index.posts_at(chunks.plan.chunk(r, slot))} for r, slot in
+                   ((0, 0), (1, 1))]
+        assert [first, second] == planned
+    finally:
+        chunks.close()

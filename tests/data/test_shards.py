@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from sdswarm.data.shards import Permutation, ShardPlan, assign_slots, preferred_slot, slot_preferences
+from sdswarm.data.shards import (
+    Permutation,
+    ShardPlan,
+    assign_slots,
+    choose_slot,
+    preferred_slot,
+    slot_preferences,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097, 65536])
@@ -105,3 +112,31 @@ def test_bad_arguments() -> None:
         plan.chunk(-1, 0)
     with pytest.raises(ValueError, match="size"):
         ShardPlan(seed=0, size=0, images_per_chunk=5, shards=2)
+
+
+def test_a_cohort_that_starts_together_gets_the_slots_assign_slots_gives() -> None:
+    peers = [f"peer{i}" for i in range(3)]
+    chosen = {me: choose_slot(42, me, None, {p: None for p in peers if p != me}, 4) for me in peers}
+    assert chosen == assign_slots(42, peers, 4) and len(set(chosen.values())) == 3
+
+
+def test_a_newcomer_takes_a_free_slot_and_the_others_keep_theirs() -> None:
+    held = assign_slots(42, ["a", "b", "c"], 4)
+    new = choose_slot(42, "d", None, held, 4)
+    assert new not in held.values()
+    for me, slot in held.items():  # nobody moves for the newcomer
+        others = {**{p: s for p, s in held.items() if p != me}, "d": new}
+        assert choose_slot(42, me, slot, others, 4) == slot
+
+
+def test_two_peers_on_one_slot_part_after_one_round() -> None:
+    winner, loser = assign_slots(7, ["x", "y"], 8)  # served in priority order: the first keeps a shared slot
+    # both took slot 3 (e.g. they started at the same moment without seeing each other)
+    assert choose_slot(7, winner, 3, {loser: 3}, 8) == 3
+    moved = choose_slot(7, loser, 3, {winner: 3}, 8)
+    assert moved != 3 and choose_slot(7, loser, moved, {winner: 3}, 8) == moved  # and it stays there
+
+
+def test_more_peers_than_slots_share_the_preferred_one() -> None:
+    others = {"a": 0, "b": 1}
+    assert choose_slot(42, "c", None, others, 2) == preferred_slot(42, "c", 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 
 import pytest
@@ -58,6 +59,11 @@ def test_three_peers_train_one_model(peers):
     # independent runs differ by about as much as they moved (ratio ~1), peers with one unshared epoch by ~0.1,
     # peers that shared every round by fp16 rounding only (~0.005)
     assert moved > 1e-2 and apart < 0.2 * moved, (moved, apart)
+    # no two peers trained the same posts in the same round: distinct slots of the shard plan, round by round
+    slots = [dict(re.findall(r"round (\d+) \(slot (\d+)\)", peer.log())) for peer in everyone]
+    for r in set().union(*slots):
+        held = [s[r] for s in slots if r in s]
+        assert len(held) == len(set(held)), f"round {r}: slots {held}"
     # each peer drew its own data order and noise (seeded from the run seed and its identity)
     first_losses = {round(peer.metrics()[0]["loss"], 6) for peer in everyone}
     assert len(first_losses) == 3

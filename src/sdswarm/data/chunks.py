@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,7 +68,10 @@ class DataStats:
 
 
 class ChunkSource:
-    """`pairs(round)`: this peer's pairs for a round, in chunk order; the next round is prefetched."""
+    """`pairs(round)`: this peer's pairs for a round, in chunk order; the next round is prefetched.
+
+    `slot`: the peer's slot in the shard plan; or None with `choose_slot`, which picks the slot before each
+    round from the current one (None at first), as shards.choose_slot does with the swarm's view."""
 
     def __init__(
         self,
@@ -77,14 +80,18 @@ class ChunkSource:
         bucket: Bucket,
         workdir: WorkDir,
         plan: ShardPlan,
-        slot: int,
+        slot: int | None,
+        choose_slot: Callable[[int | None], int] | None = None,
         captions: CaptionSettings = CaptionSettings(),
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         decode_workers: int = min(4, os.cpu_count() or 1),
     ) -> None:
         if plan.size != len(index):
             raise ValueError(f"shard plan for {plan.size} posts, index has {len(index)}")
-        self.index, self.bucket, self.workdir, self.plan, self.slot = index, bucket, workdir, plan, slot
+        if slot is None and choose_slot is None:
+            raise ValueError("ChunkSource needs a slot or a choose_slot")
+        self.index, self.bucket, self.workdir, self.plan = index, bucket, workdir, plan
+        self.slot, self.choose_slot = slot, choose_slot
         self.captions, self.max_pixels = captions, max_pixels
         self._lock = threading.Lock()  # counters and the work dir are shared with the decode threads
         self._counts: Counter[str] = Counter()
@@ -151,6 +158,8 @@ class ChunkSource:
     def _materialize(self, round_index: int) -> list[Pair]:
         start = time.perf_counter()
         before = self.stats()
+        if self.choose_slot is not None:
+            self.slot = self.choose_slot(self.slot)
         posts = self.index.posts_at(self.plan.chunk(round_index, self.slot))
         with self._lock:
             self._pinned[round_index] = {p.post_id for p in posts}
@@ -190,8 +199,8 @@ class ChunkSource:
         after = self.stats()
         discarded = {r: n - before.discarded.get(r, 0) for r, n in after.discarded.items()
                      if n > before.discarded.get(r, 0)}
-        log.info("round %d: %d of %d posts ready (%d fetched, %d cached) in %.1f s; discarded: %s; "
-                 "%.1f MB fetched; cache %d pairs, %.1f MB", round_index, len(pairs), len(posts),
+        log.info("round %d (slot %d): %d of %d posts ready (%d fetched, %d cached) in %.1f s; discarded: %s; "
+                 "%.1f MB fetched; cache %d pairs, %.1f MB", round_index, self.slot, len(pairs), len(posts),
                  after.pairs_fetched - before.pairs_fetched, cached,
                  time.perf_counter() - start, discarded or "none",
                  (after.bytes_fetched - before.bytes_fetched) / 1e6, after.cache_pairs, after.cache_bytes / 1e6)
@@ -271,9 +280,11 @@ def open_chunks(
     index_out: Path,
     demo_dir: Path,
     peers: Sequence[str] | None = None,
+    choose_slot: Callable[[int | None], int] | None = None,
 ) -> ChunkSource:
     """The data section -> this peer's chunk source. `peers`: a membership view all peers share, for distinct
-    slots (see shards.py); without one, the peer takes its preferred slot. `index_out`: where an index built
+    slots (see shards.py); without one, the peer takes its preferred slot; `choose_slot`: pick it before each
+    round instead (a swarm, whose members change). `index_out`: where an index built
     from a folder or downloaded goes; `demo_dir`: where builtin:demo is generated."""
     if data.source == BUILTIN_DEMO:
         folder: Path | None = make_demo_dataset(demo_dir)
@@ -290,12 +301,13 @@ def open_chunks(
     if len(index) == 0:
         raise ValueError(f"the index {index.path} holds no trainable posts (skipped: {index.meta.get('skipped')})")
     plan = ShardPlan(seed=seed, size=len(index), images_per_chunk=data.images_per_chunk, shards=data.shards)
-    slot = assign_slots(seed, [*(peers or ()), peer_id], data.shards)[peer_id]
+    slot = None if choose_slot else assign_slots(seed, [*(peers or ()), peer_id], data.shards)[peer_id]
     captions = CaptionSettings(tuple(data.caption_categories), data.caption_separator,
                                data.caption_escape_parentheses)
     cache = WorkDir(workdir, int(data.workdir_max_gb * 1e9), caption_key=captions.key())
-    log.info("data: %d posts in %s, files from %s; slot %d of %d; about %d posts per chunk, %d rounds per pass "
-             "over the index; work dir %s (%d pairs cached)", len(index), index.path, bucket, slot, data.shards,
+    log.info("data: %d posts in %s, files from %s; slot %s of %d; about %d posts per chunk, %d rounds per pass "
+             "over the index; work dir %s (%d pairs cached)", len(index), index.path, bucket,
+             "chosen each round" if slot is None else slot, data.shards,
              len(index) // plan.chunks_per_epoch, plan.rounds_per_epoch, workdir, len(cache))
-    return ChunkSource(index=index, bucket=bucket, workdir=cache, plan=plan, slot=slot, captions=captions,
-                       max_pixels=data.max_image_pixels)
+    return ChunkSource(index=index, bucket=bucket, workdir=cache, plan=plan, slot=slot, choose_slot=choose_slot,
+                       captions=captions, max_pixels=data.max_image_pixels)

@@ -17,7 +17,10 @@ N / shards so that the slots stay disjoint.
 
 Distinct slots come from `assign_slots` (rendezvous hashing with collision handling) over a membership view
 all peers agree on; with no view, `preferred_slot` is a peer's first choice, and two peers collide with
-probability about 1/shards. More peers than shards necessarily share slots (and so data).
+probability about 1/shards. In a swarm, `choose_slot` keeps them apart as peers come and go: before each round a
+peer looks at the slots the others publish, keeps its own unless a peer of higher priority holds it too, and
+otherwise takes its most preferred free one. Each peer logs its slot per round, so who had a post stays
+recomputable. More peers than shards necessarily share slots (and so data).
 """
 
 from __future__ import annotations
@@ -142,12 +145,38 @@ def preferred_slot(seed: int, peer_id: str, shards: int) -> int:
     return slot_preferences(seed, peer_id, shards)[0]
 
 
+def choose_slot(seed: int, me: str, current: int | None, others: dict[str, int | None], shards: int) -> int:
+    """This peer's slot for its next round, given the slots the other live peers hold (None: not chosen yet).
+
+    A slot held by two peers stays with the one of higher priority (the order `assign_slots` serves peers in);
+    peers that have not chosen yet are served as `assign_slots` would serve them, from the slots nobody holds,
+    so a cohort that starts together (behind the start-up barrier) gets distinct slots at once."""
+    held = {peer: slot for peer, slot in others.items() if slot is not None}
+    if current is not None and not any(slot == current and _rank(seed, peer) < _rank(seed, me)
+                                       for peer, slot in held.items()):
+        return current
+    free = set(range(shards)) - set(held.values())
+    newcomers = sorted({peer for peer, slot in others.items() if slot is None} | {me}, key=lambda p: _rank(seed, p))
+    for peer in newcomers:
+        choice = next((slot for slot in slot_preferences(seed, peer, shards) if slot in free), None)
+        if choice is None:
+            break
+        if peer == me:
+            return choice
+        free.discard(choice)
+    return preferred_slot(seed, me, shards)  # more peers than slots: this one shares
+
+
+def _rank(seed: int, peer: str) -> tuple[int, str]:
+    return _hash64("priority", seed, peer), peer
+
+
 def assign_slots(seed: int, peer_ids: Iterable[str], shards: int) -> dict[str, int]:
     """Distinct slots for a membership view (up to `shards` peers; the rest reuse slots, in turn).
 
     Peers are served in the order of a seeded hash of their id, each taking its most preferred free slot, so
     every peer holding the same view computes the same answer, whatever order it lists the peers in."""
-    peers = sorted(set(peer_ids), key=lambda p: (_hash64("priority", seed, p), p))
+    peers = sorted(set(peer_ids), key=lambda p: _rank(seed, p))
     taken: set[int] = set()
     out: dict[str, int] = {}
     for peer in peers:

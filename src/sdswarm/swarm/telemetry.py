@@ -26,6 +26,7 @@ class PeerMetrics(BaseModel):
     loss: float | None = None  # smoothed
     samples_per_second: float = 0.0
     local_epoch: int = 0
+    data_slot: int | None = None  # its slot in the shard plan (data/shards.py); None until chosen
     time: float = 0.0
 
 
