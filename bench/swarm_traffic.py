@@ -119,15 +119,16 @@ def read_counters(pid: int, dev: str) -> tuple[int, int] | None:
 # --- peers ------------------------------------------------------------------------------------------------
 
 
-SDSWARM_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-HIVEMIND_TIME = re.compile(r"^([A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d\.\d{3}) ")
+# searched, not matched: a progress bar drawn with \r may precede a log line
+SDSWARM_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) [A-Z]+ ")
+HIVEMIND_TIME = re.compile(r"([A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d\.\d{3}) \[")
 
 
 def line_time(line: str) -> float | None:
     """The wall-clock time a log line was written, from sdswarm's or hivemind's timestamp format."""
-    if found := SDSWARM_TIME.match(line):
+    if found := SDSWARM_TIME.search(line):
         return datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    if found := HIVEMIND_TIME.match(line):
+    if found := HIVEMIND_TIME.search(line):
         year = time.localtime().tm_year
         return datetime.strptime(f"{year} {found.group(1)}", "%Y %b %d %H:%M:%S.%f").timestamp()
     return None
@@ -298,12 +299,14 @@ def settled(peers: dict[str, Peer], rounds: int = 2) -> bool:
                for peer in peers.values())
 
 
-def split(peers: dict[str, Peer], span: float = 30.0) -> bool:
-    """Both peers have trained alone for `span` seconds: each logs that it sees no other peer, neither averaged."""
+def split(peers: dict[str, Peer], span: float = 60.0) -> bool:
+    """The pair fell apart: for `span` seconds each peer has said, again and again, that it sees no other peer,
+    neither averaged with the other, and neither was downloading the state (a peer that downloads stops
+    reporting progress, so the other one briefly looks alone)."""
     now = time.time()
-    recent = {role: [line for t, line in timed_lines(peer) if t > now - span] for role, peer in peers.items()}
-    return all(any(ALONE in line for line in lines) and not any(TWO_PEERS in line for line in lines)
-               for lines in recent.values())
+    recent = [[line for t, line in timed_lines(peer) if t > now - span] for peer in peers.values()]
+    return all(sum(ALONE in line for line in lines) >= 3 and not any(
+        TWO_PEERS in line or "ownloading" in line for line in lines) for lines in recent)
 
 
 def find_window(peers: dict[str, Peer], first: int, epochs: int, clean: bool = True) -> tuple[int, int] | None:
@@ -370,8 +373,8 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, folder: Path, tag
                 for peer in peers.values():
                     peer.check_alive()
                 if joiner_training() and split(peers):
-                    raise RuntimeError("the pair split: both peers have trained alone for 30 s, each seeing no "
-                                       "other peer in the DHT")
+                    raise RuntimeError("the pair split: for 60 s both peers trained alone, each seeing no other "
+                                       "peer in the DHT")
                 if time.monotonic() > deadline:
                     limit = "the scenario's time limit" if deadline == scenario_deadline else f"{timeout:.0f} s"
                     raise TimeoutError(f"{what} did not happen within {limit}")
@@ -496,6 +499,8 @@ def ratio(value: float, base: float) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "(no such scenario in this run)"
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
@@ -592,20 +597,15 @@ def report(results: list[Result], param_count: int, parts: dict[str, int], args:
 
 def compression_check() -> dict[str, str]:
     """Compress and decompress a tensor with each of the config's compressions, in this environment."""
-    import torch
-    from hivemind.compression import deserialize_torch_tensor
-    from hivemind.compression.base import CompressionInfo
+    from sdswarm.swarm.optimizer import COMPRESSIONS, check_compression
 
-    from sdswarm.swarm.optimizer import COMPRESSIONS
-
-    tensor, verdicts = torch.randn(4096), {}
-    for name, compression_class in COMPRESSIONS.items():
+    verdicts = {}
+    for name in COMPRESSIONS:
         try:
-            message = compression_class().compress(tensor, CompressionInfo.from_tensor(tensor, key=0))
-            error = (deserialize_torch_tensor(message) - tensor).abs().max().item()
-            verdicts[name] = f"ok ({len(message.buffer) / tensor.numel():.2f} B/value, max error {error:.1g})"
-        except Exception as exc:  # the finding itself: report it, do not stop
-            verdicts[name] = f"FAILS ({type(exc).__name__}: {exc})"
+            size, error = check_compression(name)
+            verdicts[name] = f"ok ({size:.2f} B/value, max error {error:.1g})"
+        except RuntimeError as exc:  # the finding itself: report it, do not stop
+            verdicts[name] = f"FAILS ({exc})"
     return verdicts
 
 

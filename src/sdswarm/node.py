@@ -312,12 +312,12 @@ def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: i
     """This peer's data slot for its next round, from the slots the other live peers publish."""
     try:
         view = read_swarm(dht, config.swarm.run_id, config.swarm.target_batch_size)
-    except Exception as exc:  # the DHT is having trouble: keep what we have (or our first choice)
+        others = {m.peer_id: m.data_slot for m in view.peers if m.peer_id != peer_id}
+    except Exception as exc:  # the DHT is having trouble: keep our slot (or take our first choice)
         log.warning("could not read the swarm's data slots (%s); keeping this peer's", exc)
-        view = None
-    others = {m.peer_id: m.data_slot for m in view.peers if m.peer_id != peer_id} if view else {}
-    if view is None and current is not None:
-        return current
+        if current is not None:
+            return current
+        others = {}
     return choose_slot(config.seed, peer_id, current, others, config.data.shards)
 
 

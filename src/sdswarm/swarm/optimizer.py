@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import hivemind
+import numpy as np
 import torch
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
+)
 
 from sdswarm.config import SwarmConfig
 
@@ -15,6 +24,29 @@ COMPRESSIONS: dict[str, type[CompressionBase]] = {
     "fp16": Float16Compression,
     "uniform8bit": Uniform8BitQuantization,
 }
+
+
+def check_compression(name: str) -> tuple[float, float]:
+    """Round-trip a tensor through `name` as hivemind's receivers decode it; (bytes per value, max error).
+
+    A codec that fails here fails on every part a peer receives, and hivemind only logs it and averages
+    without that part."""
+    tensor = torch.linspace(-1.0, 1.0, 4096)
+    try:
+        with warnings.catch_warnings():  # torch's deprecation of the quantize_per_tensor that hivemind uses
+            warnings.simplefilter("ignore")
+            message = COMPRESSIONS[name]().compress(tensor, CompressionInfo.from_tensor(tensor, key=0))
+            restored = deserialize_torch_tensor(message)
+        error = (restored - tensor).abs().max().item()
+    except Exception as exc:
+        raise RuntimeError(
+            f"swarm.compression {name!r} does not work in this environment ({type(exc).__name__}: {exc}; numpy "
+            f"{np.__version__}, hivemind {hivemind.__version__}). Install the pinned versions (pip install "
+            "'numpy<2.4'), or set swarm.compression: fp16"
+        ) from exc
+    if error > 0.05:  # 8-bit over [-1, 1]: about 0.01
+        raise RuntimeError(f"swarm.compression {name!r} decodes a test tensor with an error of {error:.3g}")
+    return len(message.buffer) / tensor.numel(), error
 
 
 class ClipGradNorm:
@@ -72,6 +104,7 @@ def make_optimizer(
     The lr is the config's, the same on every peer: hivemind already averages the gradient over
     the samples of all peers, so no peer scales it by its own batch size.
     """
+    check_compression(swarm.compression)
     compression = COMPRESSIONS[swarm.compression]()
     inner_class = clipped_adamw_8bit() if optimizer_8bit else ClippedAdamW  # fails here, before any heavy work
 
