@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def join(address: str, overrides: dict, *, resume: bool) -> int:
     from sdswarm.node import run_node
-    from sdswarm.swarm.exchange import ExchangeError, fetch_join_info
+    from sdswarm.swarm.exchange import DATA_PATH, ExchangeError, fetch_join_info
     from sdswarm.swarm.settings import load_settings
 
     swarm_keys = [key for key in overrides if not key.startswith(JOINER_KEYS)]
@@ -135,7 +135,8 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
         return 2
     log.info("joining run %r through %s (%d DHT addresses)", info.config.swarm.run_id, info.base_url, len(info.peers))
     transformers.logging.set_verbosity_error()
-    run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume)
+    run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
+             demo_mirror=info.base_url + DATA_PATH)
     return 0
 
 

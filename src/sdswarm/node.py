@@ -24,15 +24,17 @@ import torch
 
 from sdswarm.config import Config, SwarmConfig
 from sdswarm.controls import LogTail, NodeControls
+from sdswarm.data.bucket import bucket_routes
 from sdswarm.data.buckets import make_buckets
 from sdswarm.data.chunks import open_chunks
+from sdswarm.data.demo import BUILTIN_DEMO
 from sdswarm.data.loader import BatchStream, CaptionShuffle
 from sdswarm.data.shards import choose_slot
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
 from sdswarm.model.text import PromptEncoder
-from sdswarm.swarm.exchange import PROTOCOL, config_answer, peers_answer
+from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
@@ -87,13 +89,14 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
 
 
 def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mother",
-                 choose_slot: Callable[[int | None], int] | None = None) -> BatchStream:
+                 choose_slot: Callable[[int | None], int] | None = None, demo_mirror: str | None = None) -> BatchStream:
     """The batches this peer trains: its shard of the index (the slot from the run seed and `peer_id`, or
-    from `choose_slot` before each round), ordered by `seed` (default: the run's)."""
+    from `choose_slot` before each round), ordered by `seed` (default: the run's). `demo_mirror`: where a
+    joiner fetches builtin:demo's files (its relay's data route)."""
     data = config.data
     chunks = open_chunks(data, seed=config.seed, peer_id=peer_id, workdir=data.workdir or config.output.dir / "workdir",
-                         index_out=config.output.dir / "index.db", demo_dir=default_cache_dir() / "demo-v1",
-                         choose_slot=choose_slot)
+                         index_out=config.output.dir / "index.db", demo_dir=demo_dir(),
+                         choose_slot=choose_slot, demo_mirror=demo_mirror)
     buckets = make_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
                            step=data.bucket_step, max_ratio=data.bucket_max_ratio)
     tag_shuffle = CaptionShuffle(data.caption_separator, data.caption_keep_first) if data.caption_shuffle else None
@@ -151,6 +154,7 @@ def run_node(
     settings: NodeSettings,
     initial_peers: Sequence[str] = (),
     resume: bool = False,
+    demo_mirror: str | None = None,
 ) -> RunSummary:
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
@@ -176,7 +180,7 @@ def run_node(
         # the data slot is chosen before each round among the slots the other peers publish (after the
         # start-up barrier for the first): peers train disjoint posts without asking anyone
         stream = prepare_data(config, seed=seed, peer_id=peer_id,
-                              choose_slot=partial(choose_data_slot, dht, config, peer_id))
+                              choose_slot=partial(choose_data_slot, dht, config, peer_id), demo_mirror=demo_mirror)
         cleanup.callback(stream.close)
         components = load_components(str(resume_from) if resume_from else config.model)
         trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
@@ -285,6 +289,8 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
         swarm_answer=lambda: {"protocol": PROTOCOL, **controls.status()["swarm"]},
     )
+    if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
+        routes += bucket_routes(demo_dir(), prefix=DATA_PATH)
     host = "127.0.0.1" if settings.client_mode else settings.listen_host
     server = HttpServer(routes, host, settings.ie_port_internal, app=app)
     port = server.start()
@@ -298,6 +304,10 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     controls.join_address = address
     log.info("relay: others join this swarm with:  sdswarm join %s", address)
     return address
+
+
+def demo_dir() -> Path:
+    return default_cache_dir() / "demo-v1"
 
 
 def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None,

@@ -6,11 +6,14 @@ from pathlib import Path
 import pytest
 
 from sdswarm.config import DataConfig
-from sdswarm.data.bucket import Bucket, FetchSettings
+from sdswarm.data.bucket import Bucket, FetchSettings, bucket_routes
 from sdswarm.data.chunks import CaptionSettings, ChunkSource, open_chunks
+from sdswarm.data.demo import make_demo_dataset
 from sdswarm.data.index import Index, build_from_dump, build_from_folder
 from sdswarm.data.shards import ShardPlan
 from sdswarm.data.workdir import WorkDir, list_pairs
+from sdswarm.swarm.exchange import DATA_PATH
+from sdswarm.web.server import HttpServer
 from tests.data import files
 
 FAST = FetchSettings(concurrency=4, timeout_s=0.5, retries=1, backoff_s=0.01)
@@ -218,3 +221,21 @@ def test_a_swarm_peer_picks_its_slot_before_each_round(tmp_path: Path) -> None:
         assert [first, second] == planned
     finally:
         chunks.close()
+
+
+def test_a_joiner_fetches_the_demo_over_http_from_its_relay(tmp_path: Path) -> None:
+    relay_dir = tmp_path / "relay-demo"
+    make_demo_dataset(relay_dir)
+    server = HttpServer(bucket_routes(relay_dir, prefix=DATA_PATH), "127.0.0.1", 0)
+    port = server.start()
+    kwargs = dict(seed=42, workdir=tmp_path / "work", index_out=tmp_path / "index.db", demo_dir=tmp_path / "demo")
+    chunks = open_chunks(data_config(shards=4, images_per_chunk=1000), peer_id="joiner",
+                         demo_mirror=f"http://127.0.0.1:{port}{DATA_PATH}", **kwargs)
+    try:
+        assert len(chunks.pairs(0)) == 60
+        stats = chunks.stats()
+        assert stats.pairs_fetched == 60 and stats.bytes_fetched > 0 and stats.discarded == {}
+        assert chunks.bucket.remote
+    finally:
+        chunks.close()
+        server.stop()

@@ -45,6 +45,8 @@ def test_three_peers_train_one_model(peers):
         assert peer.wait_exit(timeout=400) == 0, peer.log()[-4000:]
 
     assert any("Averaged gradients with 3 peers" in peer.log() for peer in everyone), "no round with all three"
+    for joiner in joiners:  # the demo is a real bucket: joiners fetch its files from the relay they joined
+        assert f"files from Bucket('http://{mother.address}/api/v1/data/" in joiner.log()
     for peer in everyone:
         assert "the swarm reached epoch 6 (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
         assert peer.log().count("Averaged gradients with") >= 3, f"{peer.name} hardly ever averaged"
@@ -98,6 +100,7 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     newcomer = peers("newcomer", join=late.address, max_steps=1000).start()
     newcomer.wait_until(lambda: "Averaged gradients with 2 peers" in newcomer.log(), "averaging with the survivor",
                         timeout=240)
+    assert f"files from Bucket('http://{late.address}/api/v1/data/" in newcomer.log()  # the data did not go either
     for peer in (late, newcomer):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0

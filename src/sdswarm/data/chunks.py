@@ -281,14 +281,19 @@ def open_chunks(
     demo_dir: Path,
     peers: Sequence[str] | None = None,
     choose_slot: Callable[[int | None], int] | None = None,
+    demo_mirror: str | None = None,
 ) -> ChunkSource:
     """The data section -> this peer's chunk source. `peers`: a membership view all peers share, for distinct
     slots (see shards.py); without one, the peer takes its preferred slot; `choose_slot`: pick it before each
     round instead (a swarm, whose members change). `index_out`: where an index built
-    from a folder or downloaded goes; `demo_dir`: where builtin:demo is generated."""
+    from a folder or downloaded goes; `demo_dir`: where builtin:demo is generated; `demo_mirror`: fetch the
+    demo's files over HTTP from there (a relay's data route, as a joiner does) instead of reading them."""
     if data.source == BUILTIN_DEMO:
-        folder: Path | None = make_demo_dataset(demo_dir)
+        folder: Path | None = make_demo_dataset(demo_dir)  # every node has it, so every relay can serve it
         index_path = make_demo_index(demo_dir)
+        if demo_mirror:
+            folder = None
+            data = data.model_copy(update={"source": demo_mirror.rstrip("/") + "/"})
     else:
         folder = None if is_url(data.source) else Path(data.source)
         if folder is not None and not folder.is_dir():

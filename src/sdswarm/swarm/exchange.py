@@ -21,6 +21,7 @@ PROTOCOL = 1  # bump when the answers change shape; joiners refuse a relay that 
 CONFIG_PATH = "/api/v1/config"
 PEERS_PATH = "/api/v1/peers"
 SWARM_PATH = "/api/v1/swarm"
+DATA_PATH = "/api/v1/data"  # a relay training on builtin:demo serves its files here; its joiners fetch them
 
 # Keys that describe one machine, not the swarm: never served, each node sets its own.
 LOCAL_KEYS: dict[str, Any] = {
