@@ -6,11 +6,10 @@
 For each size, two processes on 127.0.0.1, each in its own process group: a holder and a joiner, both with the
 same model (dense fp32 tensors) behind sdswarm's make_optimizer, as a node builds it. The joiner downloads the
 training state as `sdswarm join` does when the swarm is under way: hivemind sends it uncompressed, the
-parameters and AdamW's two moments (12 bytes per parameter, timed here), then the gradient buffers (4 more: the
-estimate for Stable Diffusion counts all 16; swarm_traffic.py measures 4.0x the fp32 parameters in a real
-swarm). Loopback has no bandwidth limit, so the figures are the cost of hivemind's state transfer itself
-(serialize, stream, deserialize); on a real link add bytes / bandwidth, as the last lines do. Compare the
-ratios of one run, not seconds across runs.
+parameters and AdamW's two moments, 12 bytes per parameter (sdswarm skips hivemind's download of the gradient
+buffers, 4 more; swarm_traffic.py measures 3.0x the fp32 parameters in a real swarm). Loopback has no bandwidth
+limit, so the figures are the cost of hivemind's state transfer itself (serialize, stream, deserialize); on a
+real link add bytes / bandwidth, as the last lines do. Compare the ratios of one run, not seconds across runs.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def join(millions: float, maddr_file: Path) -> None:
     opt = optimizer(dht)
     state_bytes = sum(p.numel() * p.element_size() for p in params) * 3  # parameters and AdamW's 2 moments
     start = time.perf_counter()
-    opt.state_averager.load_state_from_peers(timeout=600)
+    opt.load_state_from_peers()
     seconds = time.perf_counter() - start
     result = {"params": sum(p.numel() for p in params), "bytes": state_bytes, "seconds": seconds}
     maddr_file.with_suffix(".result").write_text(json.dumps(result))
@@ -147,7 +146,7 @@ def main() -> int:
     print(f"\nStable Diffusion 1.5, at {rate / 1e6:.0f} MB/s (this machine's loopback) or over a "
           f"{args.link_mbit:g} Mbit/s link:")
     for name, count in SD15.items():
-        size = 16 * count
+        size = 12 * count  # fp32 parameters and AdamW's two moments
         print(f"  {name}: {count:,} parameters, state {size / 1e9:.1f} GB: {size / rate / 60:.1f} min here, "
               f"{size * 8 / (args.link_mbit * 1e6) / 60:.0f} min over the link")
     return 0

@@ -559,9 +559,9 @@ def report(results: list[Result], param_count: int, parts: dict[str, int], args:
                      "-" if rate != rate else f"{rate * 8 / 1e6:.0f} Mbit/s", secs(r.start_to_in_sync),
                      str(r.join_downloads), mb(r.join_bytes)])
     out += ["2. late joiner: loading the state. Columns from the joiner's process start: its first log line (imports "
-            "done), its request for the state, that first load (hivemind sends it uncompressed: parameters, Adam's "
-            "two moments and the gradient buffers), its first gradient round with both peers; downloads: hivemind "
-            "'Downloading parameters' lines until then (2 per load: state, then gradient buffers)",
+            "done), its request for the state, that first load (hivemind sends it uncompressed: parameters and Adam's "
+            "two moments; sdswarm skips the gradient buffers), its first gradient round with both peers; downloads: "
+            "hivemind 'Downloading parameters' lines until then (1 per load)",
             table(["scenario", "start -> log", "start -> request", "first load", "received", "/ fp32 params", "rate",
                    "start -> 2-peer round", "downloads", "received till then"], rows), ""]
 
