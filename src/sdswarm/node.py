@@ -328,7 +328,11 @@ def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: i
         if current is not None:
             return current
         others = {}
-    return choose_slot(config.seed, peer_id, current, others, config.data.shards)
+    slot = choose_slot(config.seed, peer_id, current, others, config.data.shards)
+    if slot != current and slot in others.values():
+        log.warning("more peers than data.shards (%d): this peer shares slot %d, and so its posts, with another; "
+                    "give the swarm a larger data.shards", config.data.shards, slot)
+    return slot
 
 
 def loop_settings(config: Config, seed: int | None = None) -> LoopSettings:
