@@ -108,7 +108,7 @@ def bare_loop(folder: Path, count: int, buckets) -> float:
     return count / (time.perf_counter() - start)
 
 
-def pipeline(folder: Path, index: Path, work: Path, count: int, buckets, workers: int, url: str) -> tuple[float, str]:
+def pipeline(index: Path, work: Path, count: int, buckets, workers: int, url: str) -> tuple[float, str]:
     """From an empty work dir: every pair fetched, checked, cached, then decoded into batches."""
     plan = ShardPlan(seed=0, size=count, images_per_chunk=count // 4, shards=1)  # 4 rounds
     chunks = ChunkSource(index=Index(index), bucket=Bucket(url, settings=FetchSettings(concurrency=16)),
@@ -176,7 +176,7 @@ def main() -> None:
         try:
             for trial in range(args.trials):  # interleaved, best of each: the machine may be shared
                 bare.append(bare_loop(tmp / "bucket", args.images, buckets))
-                rate, detail = pipeline(tmp / "bucket", tmp / "index.db", tmp / f"work{trial}", args.images,
+                rate, detail = pipeline(tmp / "index.db", tmp / f"work{trial}", args.images,
                                         buckets, args.workers, url)
                 piped.append(rate)
         finally:

@@ -626,7 +626,8 @@ def prepare_cache(cache: str) -> tuple[int, dict[str, int]]:
     import yaml
 
     from sdswarm.data.demo import make_demo_index
-    from sdswarm.model.loading import default_cache_dir, load_components
+    from sdswarm.model.loading import load_components
+    from sdswarm.node import demo_dir
 
     tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     components = load_components(tiny["model"])
@@ -634,7 +635,7 @@ def prepare_cache(cache: str) -> tuple[int, dict[str, int]]:
     if tiny.get("train_text_encoder"):
         parts["text encoder"] = sum(p.numel() for p in components.text_encoder.parameters())
     try:
-        make_demo_index(default_cache_dir() / "demo-v1")
+        make_demo_index(demo_dir())
     except Exception as exc:  # the first peer builds it then; only the first scenario's solo phase pays
         print(f"note: could not prepare the demo data here ({exc}); the first peer will", file=sys.stderr)
     return sum(parts.values()), parts

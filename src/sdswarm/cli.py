@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "dht_port_internal=31337. Behind NAT, forward the external ports to the internal ones; "
                     "otherwise leave the external ports unset (matched pairs).",
     )
+    settings.add_argument("changes", nargs="*", metavar="KEY=VALUE")
+    settings.add_argument("--output", default="output", help="the node's folder (default: %(default)s)")
+
     export = commands.add_parser("export", help="write a checkpoint as one .safetensors file (A1111, ComfyUI)")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. output/checkpoints/step_00001000")
     export.add_argument("out", help="the .safetensors file to write")
@@ -79,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="dataset index tools")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     add_build_arguments(index_commands.add_parser("build", help="build the SQLite index of posts"))
-
-    settings.add_argument("changes", nargs="*", metavar="KEY=VALUE")
-    settings.add_argument("--output", default="output", help="the node's folder (default: %(default)s)")
     return parser
 
 

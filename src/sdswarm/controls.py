@@ -10,8 +10,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from sdswarm.data.chunks import DataStats
 from sdswarm.swarm.settings import SETTINGS_FILE, NodeSettings, load_settings, save_settings, update_settings
 from sdswarm.swarm.telemetry import SwarmView
 from sdswarm.train.loop import Trainer
@@ -56,7 +56,7 @@ class NodeControls:
         settings_dir: Path,
         run_id: str,
         swarm_view: Callable[[], SwarmView],
-        data_stats: Callable[[], Any],
+        data_stats: Callable[[], DataStats],
         join_address: str | None,
         announced: list[str],
         log_tail: LogTail,
@@ -81,13 +81,14 @@ class NodeControls:
             "state": self.state,
             "run_id": self._run_id,
             "progress": self.trainer.progress.snapshot(),
-            "swarm": self._swarm(),
-            "data": stats if isinstance(stats, dict) else vars(stats),
+            "swarm": self.swarm(),
+            "data": vars(stats),
             "join_command": f"sdswarm join {self.join_address}" if self.join_address else None,
             "announced": self._announced,
         }
 
-    def _swarm(self) -> dict:
+    def swarm(self) -> dict:
+        """The swarm view (refreshed at most every SWARM_REFRESH seconds): the UI's and the I.E's."""
         fetched_at, view = self._swarm_cache
         if time.monotonic() - fetched_at >= SWARM_REFRESH:
             try:

@@ -38,10 +38,17 @@ from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_ans
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
-from sdswarm.swarm.telemetry import PeerMetrics, Publisher, read_swarm, wait_for_peers, wait_for_progress_from
+from sdswarm.swarm.telemetry import (
+    PeerMetrics,
+    Publisher,
+    read_peers,
+    read_swarm,
+    wait_for_peers,
+    wait_for_progress_from,
+)
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
 from sdswarm.train.loop import LoopSettings, Progress, Trainer
-from sdswarm.train.step import fixed_seed_loss
+from sdswarm.train.step import fixed_seed_loss, half_dtype
 from sdswarm.web.app import create_app
 from sdswarm.web.auth import load_or_create_token
 from sdswarm.web.server import HttpServer, exchange_routes
@@ -65,8 +72,7 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError("train.mixed_precision: bf16, but this GPU has no bf16 support (Ampere or newer has); "
                            "use fp16: True instead")
-    # frozen parts need no fp32 master weights; mixed precision on CUDA only
-    half_frozen = (torch.float16 if fp16 else torch.bfloat16 if bf16 else None) if device.type == "cuda" else None
+    half_frozen = half_dtype(fp16=fp16, bf16=bf16, device=device)  # frozen parts need no fp32 master weights
     components.vae.requires_grad_(False).eval().to(device)
     components.unet.requires_grad_(True).to(device)
     components.text_encoder.requires_grad_(train_text_encoder).to(device)
@@ -287,7 +293,7 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     routes = [] if settings.client_mode else exchange_routes(
         config_answer=partial(config_answer, config),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
-        swarm_answer=lambda: {"protocol": PROTOCOL, **controls.status()["swarm"]},
+        swarm_answer=lambda: {"protocol": PROTOCOL, **controls.swarm()},
     )
     if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
         routes += bucket_routes(demo_dir(), prefix=DATA_PATH)
@@ -321,8 +327,7 @@ def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | Non
 def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:
     """This peer's data slot for its next round, from the slots the other live peers publish."""
     try:
-        view = read_swarm(dht, config.swarm.run_id, config.swarm.target_batch_size)
-        others = {m.peer_id: m.data_slot for m in view.peers if m.peer_id != peer_id}
+        others = {m.peer_id: m.data_slot for m in read_peers(dht, config.swarm.run_id) if m.peer_id != peer_id}
     except Exception as exc:  # the DHT is having trouble: keep our slot (or take our first choice)
         log.warning("could not read the swarm's data slots (%s); keeping this peer's", exc)
         if current is not None:

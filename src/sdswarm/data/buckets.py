@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from sdswarm.data.images import to_rgb
+
 
 @dataclass(frozen=True, order=True)
 class Bucket:
@@ -95,11 +97,8 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
 def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Scale (LANCZOS) so the image covers the bucket, then center-crop to exactly the bucket size.
     Returns RGB; transparent areas are composited on white rather than left as arbitrary colour."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # images.decode already gives RGB: no copy then
+        image = to_rgb(image)
 
     w, h = image.size
     scale = max(bucket.width / w, bucket.height / h)

@@ -24,7 +24,7 @@ from sdswarm.config import DataConfig
 from sdswarm.data import images
 from sdswarm.data.bucket import Bucket, Fetched, FetchSettings, download, is_url
 from sdswarm.data.captions import DEFAULT_CATEGORIES, caption_from_post, check_categories
-from sdswarm.data.demo import BUILTIN_DEMO, make_demo_dataset, make_demo_index
+from sdswarm.data.demo import BUILTIN_DEMO, make_demo_index
 from sdswarm.data.index import Index, Post, build_from_folder
 from sdswarm.data.shards import ShardPlan, assign_slots
 from sdswarm.data.workdir import Pair, WorkDir, caption_key
@@ -289,8 +289,8 @@ def open_chunks(
     from a folder or downloaded goes; `demo_dir`: where builtin:demo is generated; `demo_mirror`: fetch the
     demo's files over HTTP from there (a relay's data route, as a joiner does) instead of reading them."""
     if data.source == BUILTIN_DEMO:
-        folder: Path | None = make_demo_dataset(demo_dir)  # every node has it, so every relay can serve it
-        index_path = make_demo_index(demo_dir)
+        index_path = make_demo_index(demo_dir)  # makes the files too: every node has them, every relay serves them
+        folder: Path | None = index_path.parent
         if demo_mirror:
             folder = None
             data = data.model_copy(update={"source": demo_mirror.rstrip("/") + "/"})

@@ -14,13 +14,14 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from sdswarm.data.workdir import write_atomic
 
 BUILTIN_DEMO = "builtin:demo"  # data.source naming this data set
 GENERATOR_VERSION = 1
@@ -165,12 +166,6 @@ def post_json(spec: PostSpec, md5: str) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # peers sharing a cache may write it at once
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _read_manifest(root: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((root / MANIFEST).read_text())
@@ -207,10 +202,10 @@ def make_demo_dataset(root: Path, count: int = 240, seed: int = 0) -> Path:
         render(spec).save(buf, format="PNG")  # Pillow writes no timestamps: bytes depend on pixels only
         png = buf.getvalue()
         post = post_json(spec, hashlib.md5(png, usedforsecurity=False).hexdigest())
-        _write_atomic(root / f"{post_id}.png", png)
-        _write_atomic(root / f"{post_id}.json", (json.dumps(post, indent=2) + "\n").encode())
+        write_atomic(root / f"{post_id}.png", png)
+        write_atomic(root / f"{post_id}.json", (json.dumps(post, indent=2) + "\n").encode())
     manifest = {"generator": "sdswarm-demo", "version": GENERATOR_VERSION, "count": count, "seed": seed}
-    _write_atomic(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return root
 
 

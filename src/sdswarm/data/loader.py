@@ -103,7 +103,9 @@ class BatchStream:
         if pass_index not in self._plans:
             pairs, bucket_of = [], []
             for pair in self.chunks.pairs(pass_index):
-                size = pair.size or self._probe(pair)
+                if pair.size is None:
+                    pair.size = self._probe(pair)  # once: a fixed chunk is planned again each pass
+                size = pair.size
                 if size is not None:
                     pairs.append(pair)
                     bucket_of.append(assign_bucket(*size, self.buckets))

@@ -11,15 +11,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdswarm.data.buckets import Bucket, resize_to_bucket
 from sdswarm.data.demo import plan_post, render
+from sdswarm.data.loader import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +66,15 @@ def tiny_tokenizer() -> CLIPTokenizer:
     )
 
 
-def tiny_vae_images(seed: int, count: int, first_id: int = TINY_VAE_POST_OFFSET) -> list[torch.Tensor]:
+def tiny_vae_images(seed: int, count: int) -> list[torch.Tensor]:
     """Demo-style posts, resized to the tiny config's buckets as the trainer does; (3, H, W) in [-1, 1]."""
     buckets = (Bucket(64, 64), Bucket(64, 32), Bucket(32, 64))
     rng = random.Random(f"sdswarm-tiny-vae:{seed}")
     out = []
-    for post_id in range(first_id, first_id + count):
+    for post_id in range(TINY_VAE_POST_OFFSET, TINY_VAE_POST_OFFSET + count):
         image = resize_to_bucket(render(plan_post(post_id, seed)), rng.choice(buckets))
-        out.append(_to_tensor(image))
+        out.append(to_tensor(image))
     return out
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 @contextmanager

@@ -50,13 +50,19 @@ def publish(dht: hivemind.DHT, run_id: str, metrics: PeerMetrics) -> None:
               expiration_time=get_dht_time() + EXPIRATION)
 
 
-def read_swarm(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmView:
+def read_peers(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
+    """The metrics the live peers publish (one DHT lookup)."""
     peers = []
     for peer_id, entry in _entries(dht, metrics_key(run_id)):
         try:
             peers.append(PeerMetrics.model_validate(entry))
         except ValidationError:
             log.debug("ignoring malformed metrics from %s", peer_id)  # a peer's word is never trusted blindly
+    return peers
+
+
+def read_swarm(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmView:
+    peers = read_peers(dht, run_id)
     progress = [entry for _, entry in _entries(dht, f"{run_id}_progress") if isinstance(entry, dict)]
     epochs = [int(p.get("epoch", 0)) for p in progress if isinstance(p.get("epoch"), int)]
     epoch = max(epochs, default=max((p.local_epoch for p in peers), default=0))

@@ -20,6 +20,8 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from sdswarm.train.step import scaled_sample
+
 
 def pixel_key(pixels: torch.Tensor) -> bytes:
     """A digest of one image tensor's values, shape and dtype."""
@@ -54,8 +56,8 @@ class LatentCache:
         fresh: dict[bytes, torch.Tensor] = {}
         if missing:
             batch = pixels[missing].to(device=vae.device, dtype=vae.dtype)
-            moments = vae.encode(batch).latent_dist.parameters
-            fresh = {keys[i]: m.to("cpu", copy=True) for i, m in zip(missing, moments, strict=True)}
+            moments = vae.encode(batch).latent_dist.parameters.cpu()  # one copy to the host, not one per image
+            fresh = {keys[i]: m.clone() for i, m in zip(missing, moments, strict=True)}
             self.images_encoded += len(missing)
         # gather before storing: eviction must not drop what this batch needs
         moments = torch.stack([fresh[key] if key in fresh else self._posteriors[key] for key in keys])
@@ -65,5 +67,4 @@ class LatentCache:
             self._posteriors.move_to_end(key)
         while len(self._posteriors) > self.capacity:
             self._posteriors.popitem(last=False)
-        posterior = DiagonalGaussianDistribution(moments.to(vae.device))
-        return posterior.sample(generator=generator).float() * vae.config.scaling_factor
+        return scaled_sample(vae, DiagonalGaussianDistribution(moments.to(vae.device)), generator)

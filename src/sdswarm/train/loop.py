@@ -25,7 +25,7 @@ from sdswarm.model.text import PromptEncoder, drop_captions
 from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
-from sdswarm.train.step import diffusion_loss, encode_latents
+from sdswarm.train.step import diffusion_loss, encode_latents, half_dtype
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class Trainer:
         self.noise_generator = torch.Generator(device).manual_seed(settings.seed)
         self.caption_rng = random.Random(settings.seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.fp16 and device.type == "cuda")
-        # mixed precision on CUDA only; fp32 on CPU
-        half = torch.float16 if settings.fp16 else torch.bfloat16 if settings.bf16 else None
-        self.autocast_dtype = half if device.type == "cuda" else None
+        self.autocast_dtype = half_dtype(fp16=settings.fp16, bf16=settings.bf16, device=device)
         self.latent_cache = LatentCache(settings.latent_cache_size) if settings.latent_cache_size else None
         self.progress = Progress(target_batch_size=optimizer.target_batch_size)
         self._last_saved_step = -1
@@ -172,8 +170,9 @@ class Trainer:
                 embeddings = self.encoder(captions)
             loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeddings, self.noise_generator,
                                   min_snr_gamma=s.min_snr_gamma, noise_offset=s.noise_offset)
-        if not torch.isfinite(loss):  # never hand a NaN to the swarm
-            log.warning("non-finite loss %s at step %d: batch skipped", loss.item(), self.progress.step + 1)
+        value = loss.item()  # the step's one host sync
+        if not math.isfinite(value):  # never hand a NaN to the swarm
+            log.warning("non-finite loss %s at step %d: batch skipped", value, self.progress.step + 1)
             self.progress.skipped_steps += 1
             return math.nan
         self.scaler.scale(loss).backward()
@@ -182,7 +181,7 @@ class Trainer:
             log.warning("non-finite gradient at step %d: batch skipped", self.progress.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.skipped_steps += 1
-            return loss.item()
+            return value
         epoch_before, scale_before = self.optimizer.local_epoch, self.scaler.get_scale()
         # unscales the gradient first (so hivemind accumulates and the inner AdamW clips true gradients),
         # skips the step on fp16 overflow; without fp16 it is a plain optimizer.step()
@@ -193,7 +192,7 @@ class Trainer:
             self.progress.skipped_steps += 1
         if self.ema is not None and self.optimizer.local_epoch != epoch_before:
             self.ema.update(self.trainable)  # the weights change only when the swarm steps
-        return loss.item()
+        return value
 
     # --- outputs ----------------------------------------------------------------------------------------
 

@@ -7,12 +7,23 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 
+def half_dtype(*, fp16: bool, bf16: bool, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype (autocast, frozen parts): on CUDA only; None means fp32 throughout."""
+    if device.type != "cuda":
+        return None
+    return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
+
+
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Images in [-1, 1] -> latents sampled from the VAE posterior, scaled by the VAE's scaling factor."""
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-    return latents.float() * vae.config.scaling_factor
+    return scaled_sample(vae, vae.encode(pixels).latent_dist, generator)
+
+
+def scaled_sample(vae: AutoencoderKL, posterior, generator: torch.Generator | None) -> torch.Tensor:
+    """A draw from the VAE's posterior, in fp32, scaled by the VAE's scaling factor: what the UNet trains on."""
+    return posterior.sample(generator=generator).float() * vae.config.scaling_factor
 
 
 def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
