@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
 import logging
 import math
@@ -26,13 +27,15 @@ from sdswarm.config import Config, SwarmConfig
 from sdswarm.controls import LogTail, NodeControls
 from sdswarm.data.bucket import bucket_routes
 from sdswarm.data.buckets import make_buckets
-from sdswarm.data.chunks import open_chunks
+from sdswarm.data.chunks import SharedIndex, open_chunks, resolve_index
 from sdswarm.data.demo import BUILTIN_DEMO
-from sdswarm.data.loader import BatchStream, CaptionShuffle
+from sdswarm.data.index_share import index_routes
+from sdswarm.data.loader import Batch, BatchStream, CaptionShuffle
 from sdswarm.data.shards import choose_slot
+from sdswarm.data.workdir import write_atomic
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
-from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
+from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
@@ -56,6 +59,7 @@ from sdswarm.web.server import HttpServer, exchange_routes
 log = logging.getLogger(__name__)
 
 EVAL_BATCHES = 4
+EVAL_FILE = "eval_batches.pt"  # the fixed-seed eval batches, kept so a resumed run fetches nothing for them
 
 
 def pick_device(choice: str) -> torch.device:
@@ -94,15 +98,24 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
     return trainable
 
 
+def find_index(config: Config, relay: str | None = None) -> SharedIndex:
+    """The index this peer trains on (a joiner without its own downloads it from `relay`), checked against
+    the swarm's hash."""
+    return resolve_index(config.data, out=config.output.dir / "index.db", demo_dir=demo_dir(),
+                         cache=default_cache_dir() / "indexes", relay=relay)
+
+
 def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mother",
-                 choose_slot: Callable[[int | None], int] | None = None, demo_mirror: str | None = None) -> BatchStream:
+                 choose_slot: Callable[[int | None], int] | None = None, relay: str | None = None,
+                 index: SharedIndex | None = None, start_slot: int | None = None) -> BatchStream:
     """The batches this peer trains: its shard of the index (the slot from the run seed and `peer_id`, or
-    from `choose_slot` before each round), ordered by `seed` (default: the run's). `demo_mirror`: where a
-    joiner fetches builtin:demo's files (its relay's data route)."""
+    from `choose_slot` before each round, from `start_slot` on), ordered by `seed` (default: the run's).
+    `relay`: a joiner's relay (base URL), where it fetches builtin:demo's files; `index`: from find_index."""
     data = config.data
     chunks = open_chunks(data, seed=config.seed, peer_id=peer_id, workdir=data.workdir or config.output.dir / "workdir",
                          index_out=config.output.dir / "index.db", demo_dir=demo_dir(),
-                         choose_slot=choose_slot, demo_mirror=demo_mirror)
+                         choose_slot=choose_slot, demo_mirror=relay + DATA_PATH if relay else None,
+                         index=index or find_index(config, relay), start_slot=start_slot)
     buckets = make_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
                            step=data.bucket_step, max_ratio=data.bucket_max_ratio)
     tag_shuffle = CaptionShuffle(data.caption_separator, data.caption_keep_first) if data.caption_shuffle else None
@@ -160,8 +173,9 @@ def run_node(
     settings: NodeSettings,
     initial_peers: Sequence[str] = (),
     resume: bool = False,
-    demo_mirror: str | None = None,
+    relay: str | None = None,
 ) -> RunSummary:
+    """Train as the mother or as a joiner (`relay`: the base URL of the relay it joined through)."""
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     out = config.output.dir
@@ -171,6 +185,12 @@ def run_node(
     resume_from = checkpoints.latest() if resume else None
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
+    # what can fail for the user's reasons fails here, before the DHT and the data start: the model, the index
+    if resume_from is None:
+        check_model(config.model)
+    index = find_index(config, relay)
+    state = load_training_state(resume_from) if resume_from is not None else None
+    resumed_slot = state["progress"].get("data_slot") if state is not None else None
 
     stop_training, quit_node = threading.Event(), threading.Event()
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
@@ -185,8 +205,8 @@ def run_node(
 
         # the data slot is chosen before each round among the slots the other peers publish (after the
         # start-up barrier for the first): peers train disjoint posts without asking anyone
-        stream = prepare_data(config, seed=seed, peer_id=peer_id,
-                              choose_slot=partial(choose_data_slot, dht, config, peer_id), demo_mirror=demo_mirror)
+        stream = prepare_data(config, seed=seed, peer_id=peer_id, choose_slot=partial(choose_data_slot, dht, config,
+                              peer_id), relay=relay, index=index, start_slot=resumed_slot)
         cleanup.callback(stream.close)
         components = load_components(str(resume_from) if resume_from else config.model)
         trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
@@ -210,8 +230,9 @@ def run_node(
             checkpoints=checkpoints, settings=loop_settings(config, seed), output_dir=out,
             config_yaml=config.to_yaml(), device=device,
         )
-        if resume_from is not None:
-            trainer.load_state_dict(load_training_state(resume_from))
+        if state is not None:
+            trainer.load_state_dict(state)
+            del state
             log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
 
         swarm_view = partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size)
@@ -220,7 +241,7 @@ def run_node(
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
         )
-        address = start_http(config, settings, dht, controls, cleanup)
+        address = start_http(config, settings, dht, controls, cleanup, index)
         display_role = "mother" if role == "mother" else settings.mode
         publisher = Publisher(dht, config.swarm.run_id, lambda: peer_metrics(
             trainer.progress, peer_id, display_role, address, stream.chunks.slot))
@@ -230,8 +251,15 @@ def run_node(
         if not join_swarm(optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
             trainer.after_first_step = partial(wait_for_progress_from, optimizer, config.swarm.min_peers,
                                                config.swarm.startup_timeout)
-        log.info("aspect buckets:\n%s", stream.describe())  # the first round's data, in this peer's slot
-        eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
+        position = trainer.progress
+        # the round training starts with (after a resume, the one it stopped in), in this peer's slot
+        log.info("aspect buckets:\n%s", stream.describe(position.data_pass))
+        if resumed_slot is not None and stream.slot_of(position.data_pass) != resumed_slot:
+            log.warning("resumed in round %d at batch %d: this peer trained it from data slot %d, now slot %d (a "
+                        "peer of higher priority holds %d): the rest of the round comes from slot %d's chunk",
+                        position.data_pass, position.data_batch, resumed_slot, stream.slot_of(position.data_pass),
+                        resumed_slot, stream.slot_of(position.data_pass))
+        eval_batches = load_eval_batches(out / EVAL_FILE, stream, position.data_pass)
 
         def eval_loss() -> float:
             return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
@@ -244,6 +272,22 @@ def run_node(
                  summary.eval_loss_start, summary.eval_loss_end, summary.progress.step,
                  summary.progress.skipped_steps)
         return summary
+
+
+def load_eval_batches(path: Path, stream: BatchStream, data_pass: int) -> list[Batch]:
+    """The fixed-seed eval batches: kept in `path` from the run's first start (so a resumed run fetches nothing
+    for them), else the first batches of the pass training starts with, saved there."""
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            return [Batch(pixels=pixels, captions=list(captions)) for pixels, captions in saved]
+        except Exception as exc:  # damaged, or another layout: make them again
+            log.warning("eval batches %s unreadable (%s): taking them from round %d", path, exc, data_pass)
+    batches = [batch for _, _, batch in itertools.islice(stream.iterate(data_pass), EVAL_BATCHES)]
+    buffer = io.BytesIO()
+    torch.save([(b.pixels, b.captions) for b in batches], buffer)
+    write_atomic(path, buffer.getvalue())
+    return batches
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
@@ -279,7 +323,7 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
 
 
 def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
-               cleanup: contextlib.ExitStack) -> str | None:
+               cleanup: contextlib.ExitStack, index: SharedIndex) -> str | None:
     """Serve the web UI, and on a relay the I.E endpoints beside it; return the address a friend joins with.
 
     A relay listens where its settings say; a client serves only its own UI, on loopback.
@@ -291,10 +335,12 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
     app = create_app(controls, admin_token=token, private_paths=private)
     routes = [] if settings.client_mode else exchange_routes(
-        config_answer=partial(config_answer, config),
+        config_answer=partial(config_answer, config, index.sha256),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
         swarm_answer=lambda: {"protocol": PROTOCOL, **controls.swarm()},
     )
+    if routes:  # every relay serves the index it trains on: its joiners need no local copy
+        routes += index_routes(index.file, index.sha256)
     if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
         routes += bucket_routes(demo_dir(), prefix=DATA_PATH)
     host = "127.0.0.1" if settings.client_mode else settings.listen_host

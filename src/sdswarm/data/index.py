@@ -226,7 +226,8 @@ def folder_records(folder: Path, skipped: Counter[str]) -> Iterator[tuple]:
 # --- building -----------------------------------------------------------------------------------------
 
 
-def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source: str) -> BuildReport:
+def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source: str,
+                 extra_meta: Mapping[str, Any] | None = None) -> BuildReport:
     """Rows (any order, duplicates allowed) -> `out`, atomically: a crash leaves the old index or none."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,7 @@ def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source
         """)
         report = BuildReport(rows=inserted, skipped=dict(sorted(skipped.items())))
         meta = {"version": SCHEMA_VERSION, "rows": inserted, "skipped": report.skipped, "source": source,
-                "built": time.time()}
+                "built": time.time(), **(extra_meta or {})}
         db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.commit()
         db.execute("DETACH DATABASE staging")

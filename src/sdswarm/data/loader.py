@@ -34,6 +34,8 @@ class Chunks(Protocol):
 
     def stats(self) -> DataStats: ...
 
+    def slot_of(self, round_index: int) -> int | None: ...
+
     def close(self) -> None: ...
 
 
@@ -48,6 +50,9 @@ class FixedChunks:
 
     def stats(self) -> DataStats:
         return DataStats(pairs_ready=len(self._pairs))
+
+    def slot_of(self, round_index: int) -> int | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -119,6 +124,10 @@ class BatchStream:
 
     def stats(self) -> DataStats:
         return self.chunks.stats()
+
+    def slot_of(self, pass_index: int) -> int | None:
+        """The data slot pass `pass_index` was drawn from (None: not drawn yet, or no shard plan)."""
+        return self.chunks.slot_of(pass_index)
 
     def close(self) -> None:
         if self._pool is not None:

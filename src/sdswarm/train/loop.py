@@ -58,6 +58,7 @@ class Progress:
     samples_seen: int = 0
     data_pass: int = 0  # where the batch stream resumes
     data_batch: int = 0
+    data_slot: int | None = None  # the shard-plan slot the current pass was drawn from
     skipped_steps: int = 0  # non-finite loss or fp16 overflow
     loss: float = math.nan
     loss_avg: float = math.nan  # exponential moving average of the loss
@@ -123,6 +124,7 @@ class Trainer:
                     self.after_first_step()
                 p.samples_seen += len(batch.captions)
                 p.data_pass, p.data_batch = data_pass, data_batch + 1
+                p.data_slot = self.stream.slot_of(data_pass)
                 window_samples += len(batch.captions)
                 self._record_loss(loss)
                 if p.step % s.log_every == 0 or p.step == s.max_steps:
@@ -245,7 +247,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         p = self.progress
         return {
-            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_pass", "data_batch",
+            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_pass", "data_batch", "data_slot",
                                                      "skipped_steps", "loss_avg")},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
