@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -79,10 +80,28 @@ def _tag_count(post: Mapping[str, Any]) -> int | None:
     return len(post["tags"]) if isinstance(post.get("tags"), list) else None
 
 
+NOT_JSON = object()  # a dump line that does not parse
+
+
+def _posts_inside(record: Mapping[str, Any]) -> str | None:
+    """The key of a list of post-like objects in a wrapper such as e621's {"posts": [...]}."""
+    for key, value in record.items():
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) and "id" in v for v in value[:10]):
+            return key
+    return None
+
+
 def row_from_post(post: Any) -> tuple:
     """Danbooru API / gallery-dl / yearly-dump record -> row values (see _COLUMNS); Skip if untrainable."""
+    if post is NOT_JSON:
+        raise Skip("not JSON")
     if not isinstance(post, Mapping):
-        raise Skip("bad record")
+        raise Skip(f"JSON of a shape we do not read ({type(post).__name__}, not a post object)")
+    if "id" not in post and (key := _posts_inside(post)):
+        raise Skip(f"JSON of a shape we do not read (an object holding {len(post[key])} posts under {key!r}: "
+                   "give the list itself, or one post per line)")
+    if isinstance(post.get("file"), Mapping) and "md5" not in post:
+        raise Skip("JSON of a shape we do not read (e621's post layout, file.md5 / file.ext: not Danbooru's)")
     post_id = _int(post.get("id"))
     if post_id is None or post_id < 0:
         raise Skip("no post id")
@@ -152,19 +171,29 @@ def _json_list_items(handle: IO[str], read_size: int = 1 << 16) -> Iterator[Any]
 
 def read_dump(path: Path) -> Iterator[Any]:
     """Records of a Danbooru metadata dump: a JSON list, or JSONL (API or yearly-dump objects); .gz too.
-    A line that is not JSON yields None (counted as a bad record)."""
+    A line that is not JSON yields NOT_JSON (counted); a pretty-printed object (an API page) is one record."""
     with _open_text(path) as handle:
         head = handle.read(4096)
         handle.seek(0)
         if head.lstrip().startswith("["):
             yield from _json_list_items(handle)
             return
+        first = True
         for line in handle:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    yield None
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                if first and line.lstrip().startswith("{"):  # one object over many lines, not JSONL
+                    handle.seek(0)
+                    try:
+                        yield json.loads(handle.read(_MAX_RECORD))
+                    except ValueError:
+                        yield NOT_JSON
+                    return
+                yield NOT_JSON
+            first = False
 
 
 # --- reading a folder of pairs ------------------------------------------------------------------------
@@ -381,5 +410,11 @@ def build_index_cli(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    if report.rows == 0:  # an empty index trains nothing: say why instead of leaving one behind
+        Path(args.out).unlink(missing_ok=True)
+        print(f"error: no trainable post in {args.from_folder or args.from_dump}: {report}. A dump must hold "
+              "Danbooru posts (objects with id, md5, file_ext, tags), as a JSON list or one per line (JSONL); "
+              "a folder, {post_id}.{ext} images with {post_id}.json beside them", file=sys.stderr)
+        return 1
     print(f"{args.out}: {report} ({time.perf_counter() - start:.1f} s)")
     return 0
