@@ -31,9 +31,23 @@ def test_howto_config_loads_unchanged():
     assert swarm.compression == "fp16"
 
 
-def test_howto_file_has_exactly_the_howto_keys():
+def test_howto_file_has_exactly_the_howto_keys_and_the_howtos_bucket():
     text = (ROOT / "configs" / "sd_1-5.yaml").read_text()
-    assert [line.split(":")[0] for line in text.splitlines() if line.strip()] == HOWTO_KEYS
+    top = [line.split(":")[0] for line in text.splitlines() if line.strip() and not line.startswith((" ", "#"))]
+    assert top == [*HOWTO_KEYS, "data"]
+    data = load_config(ROOT / "configs" / "sd_1-5.yaml").data
+    assert data.source == ("https://crowdcloud.us-southeast-1.linodeobjects.com/crowdcloud/opendataset/v1/danbooru/"
+                           "{post_id}.{image_ext}")
+    assert data.index == "danbooru.db"
+
+
+def test_the_demo_data_with_a_real_model_is_refused_saying_how_to_point_at_real_data():
+    with pytest.raises(ConfigError) as caught:
+        load_config(ROOT / "configs" / "sd_1-5.yaml", {"data.source": "builtin:demo"})
+    message = str(caught.value)
+    assert "builtin:demo" in message and "runwayml/stable-diffusion-v1-5" in message
+    assert "data.source" in message and "data.index" in message and "sdswarm index build --from-dump" in message
+    assert load_config(ROOT / "configs" / "tiny.yaml").data.source == "builtin:demo"  # the tiny model's data
 
 
 def test_tiny_config_loads():

@@ -34,7 +34,8 @@ def api_dump() -> list:
 
 
 EXPECTED_SKIPS = {
-    "JSON of a shape we do not read (str, not a post object)": 1, "duplicate post id": 1, "file type avif": 1, "file type gif": 1, "file type mp4": 1,
+    "JSON of a shape we do not read (str, not a post object)": 1,
+    "duplicate post id": 1, "file type avif": 1, "file type gif": 1, "file type mp4": 1,
     "file type swf": 1, "file type unknown": 1, "file type webm": 1, "file type zip": 1, "hidden (no file)": 1,
     "no post id": 1,
 }
