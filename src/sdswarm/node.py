@@ -331,7 +331,9 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     out = config.output.dir
     token = load_or_create_token(out)
     # folders whose names must not leak through the UI (the output folder is hidden by the UI itself)
-    local = [config.data.source, config.data.workdir, default_cache_dir()]
+    named = config.data.index
+    index_dir = Path(named).parent if named and not named.startswith(("http://", "https://")) else None
+    local = [config.data.source, config.data.workdir, index_dir, default_cache_dir()]
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
     app = create_app(controls, admin_token=token, private_paths=private)
     routes = [] if settings.client_mode else exchange_routes(
