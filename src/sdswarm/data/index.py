@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from sdswarm.atomic import atomic_path, temp_path
+from sdswarm.data.images import IMAGE_EXTS
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TRAINABLE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 _COLUMNS = ("post_id", "ext", "md5", "width", "height", "file_size", "rating", "tag_count")
 _BATCH = 50_000  # rows per executemany while building
@@ -90,7 +92,7 @@ def row_from_post(post: Any) -> tuple:
     if not md5:  # hidden and banned posts come without md5 and file_url
         raise Skip("hidden (no file)")
     ext = str(post.get("file_ext") or "").strip().lower()
-    if ext not in TRAINABLE_EXTS:
+    if ext not in IMAGE_EXTS:
         raise Skip(f"file type {ext or 'unknown'}")
     return (post_id, ext, md5 if _MD5.match(md5) else None, _int(post.get("image_width")),
             _int(post.get("image_height")), _int(post.get("file_size")), post.get("rating") or None,
@@ -192,7 +194,7 @@ def folder_records(folder: Path, skipped: Counter[str]) -> Iterator[tuple]:
             continue
         if ext.lower() == "json":
             jsons.add(stem)
-        elif ext.lower() in TRAINABLE_EXTS or ext.lower() in {"gif", "mp4", "webm", "zip", "swf", "avif"}:
+        elif ext.lower() in IMAGE_EXTS or ext.lower() in {"gif", "mp4", "webm", "zip", "swf", "avif"}:
             images.setdefault(stem, []).append(Path(entry.path))
     claimed: set[str] = set()
     for stem in sorted(images):
@@ -210,7 +212,7 @@ def folder_records(folder: Path, skipped: Counter[str]) -> Iterator[tuple]:
             skipped["no json"] += 1
             continue
         ext = path.suffix[1:]
-        if ext.lower() not in TRAINABLE_EXTS:
+        if ext.lower() not in IMAGE_EXTS:
             skipped[f"file type {ext.lower()}"] += 1
             continue
         try:
@@ -228,13 +230,16 @@ def folder_records(folder: Path, skipped: Counter[str]) -> Iterator[tuple]:
 
 def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source: str) -> BuildReport:
     """Rows (any order, duplicates allowed) -> `out`, atomically: a crash leaves the old index or none."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # pid in the names: peers sharing a cache may build the same index at once; the last rename wins
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    staging = out.with_name(f".{out.name}.staging.{os.getpid()}.tmp")
-    for p in (tmp, staging):
-        p.unlink(missing_ok=True)
+    # peers sharing a cache may build the same index at once: each writes its own temp files, the last rename wins
+    with atomic_path(Path(out)) as tmp:
+        staging = temp_path(Path(out))
+        try:
+            return _fill_index(tmp, staging, rows, skipped, source)
+        finally:
+            staging.unlink(missing_ok=True)
+
+
+def _fill_index(tmp: Path, staging: Path, rows: Iterable[tuple], skipped: Counter[str], source: str) -> BuildReport:
     db = sqlite3.connect(tmp)
     try:
         db.executescript(f"""
@@ -270,14 +275,8 @@ def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source
         db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.commit()
         db.execute("DETACH DATABASE staging")
-    except BaseException:
-        db.close()
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         db.close()
-        staging.unlink(missing_ok=True)
-    os.replace(tmp, out)
     return report
 
 

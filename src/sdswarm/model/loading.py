@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdswarm.data.buckets import Bucket, resize_to_bucket
+from sdswarm.atomic import atomic_path
+from sdswarm.data.aspect import AspectBucket, resize_to_aspect_bucket
 from sdswarm.data.demo import plan_post, render
 from sdswarm.data.loader import to_tensor
 
@@ -68,11 +68,11 @@ def tiny_tokenizer() -> CLIPTokenizer:
 
 def tiny_vae_images(seed: int, count: int) -> list[torch.Tensor]:
     """Demo-style posts, resized to the tiny config's buckets as the trainer does; (3, H, W) in [-1, 1]."""
-    buckets = (Bucket(64, 64), Bucket(64, 32), Bucket(32, 64))
+    buckets = (AspectBucket(64, 64), AspectBucket(64, 32), AspectBucket(32, 64))
     rng = random.Random(f"sdswarm-tiny-vae:{seed}")
     out = []
     for post_id in range(TINY_VAE_POST_OFFSET, TINY_VAE_POST_OFFSET + count):
-        image = resize_to_bucket(render(plan_post(post_id, seed)), rng.choice(buckets))
+        image = resize_to_aspect_bucket(render(plan_post(post_id, seed)), rng.choice(buckets))
         out.append(to_tensor(image))
     return out
 
@@ -194,22 +194,11 @@ def build_tiny_model(path: Path, seed: int = 0, vae_steps: int = TINY_VAE_STEPS)
 
     `vae_steps` trains the VAE that many steps (tens of seconds by default); tests pass fewer."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder should be readable like any cache dir
-    try:
+    with atomic_path(path, replace=False) as tmp:  # readers never see a partial folder
         _tiny_pipeline(seed, vae_steps).save_pretrained(tmp, safe_serialization=True)
         # transformers 5 writes only tokenizer.json; add the BPE files too, as in SD 1.x hub folders.
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(TOKENIZER_ASSETS / name, tmp / "tokenizer" / name)
-        try:
-            # rename is atomic and refuses to replace a non-empty dir, so readers never see a partial folder.
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
