@@ -24,7 +24,7 @@ import torch
 
 from sdswarm.atomic import write_atomic
 from sdswarm.config import Config, Precision, SwarmConfig
-from sdswarm.controls import LogTail, NodeControls
+from sdswarm.controls import NodeControls
 from sdswarm.data.aspect import make_aspect_buckets
 from sdswarm.data.bucket import bucket_routes
 from sdswarm.data.chunks import open_chunks
@@ -53,6 +53,7 @@ from sdswarm.train.loop import Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss, half_dtype
 from sdswarm.web.app import create_app
 from sdswarm.web.auth import load_or_create_token
+from sdswarm.web.log_tail import LogTail
 from sdswarm.web.server import HttpServer, exchange_routes
 
 log = logging.getLogger(__name__)

@@ -14,16 +14,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from sdswarm.data.aspect import AspectBucket, resize_to_aspect_bucket
 from sdswarm.data.demo import plan_post, render
 from sdswarm.model import loading
-from sdswarm.model.loading import (
-    TINY_MODEL_DIRNAME,
-    TINY_MODEL_ID,
-    TOKENIZER_ASSETS,
-    SDComponents,
-    build_tiny_model,
-    default_cache_dir,
-    load_components,
-    tiny_tokenizer,
-)
+from sdswarm.model.loading import TINY_MODEL_ID, SDComponents, default_cache_dir, load_components
+from sdswarm.model.tiny import TINY_MODEL_DIRNAME, TOKENIZER_ASSETS, build_tiny_model, tiny_tokenizer
 
 WEIGHT_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
