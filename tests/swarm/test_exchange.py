@@ -93,7 +93,7 @@ def test_a_folder_source_needs_the_joiners_own_copy(relay_config, tmp_path):
 @pytest.mark.parametrize(
     ("answers", "message"),
     [
-        ({CONFIG_PATH: {"protocol": 99, "version": "9.0", "config": {}}}, r"protocol 99, this node speaks 1"),
+        ({CONFIG_PATH: {"protocol": 99, "version": "9.0", "config": {}}}, r"protocol 99, this node speaks 2"),
         ({CONFIG_PATH: {"protocol": PROTOCOL, "config": {"lr": "fast", **DEMO}}}, r"key 'lr': value 'fast'"),
         ({CONFIG_PATH: {"protocol": PROTOCOL, "config": {"evil": 1, **DEMO}}}, r"unknown key 'evil'"),
         ({CONFIG_PATH: "<html>not json</html>"}, r"not JSON"),

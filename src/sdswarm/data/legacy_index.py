@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdswarm.data.index import TRAINABLE_EXTS, _write_index
+from sdswarm.data.images import IMAGE_EXTS
+from sdswarm.data.index import _write_index
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _rows(path: Path, skipped: Counter[str]) -> Iterator[tuple]:
                 skipped["no post id"] += 1
                 continue
             ext = str(ext or "").strip().lstrip(".")
-            if ext.lower() not in TRAINABLE_EXTS:
+            if ext.lower() not in IMAGE_EXTS:
                 skipped[f"file type {ext.lower() or 'unknown'}"] += 1
                 continue
             yield (post_id, ext, None, None, None, None, rate or None, None)

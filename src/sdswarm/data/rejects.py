@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from sdswarm.data.workdir import write_atomic
+from sdswarm.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

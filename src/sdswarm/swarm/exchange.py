@@ -17,9 +17,10 @@ import aiohttp
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from sdswarm import __version__
-from sdswarm.config import Config, ConfigError, parse_config
+from sdswarm.config import Config, ConfigError, parse_config, set_dotted
 
-PROTOCOL = 1  # bump when the answers change shape; joiners refuse a relay that speaks another
+# bump when the answers change shape; joiners refuse a relay that speaks another (2: the index named by its hash)
+PROTOCOL = 2
 CONFIG_PATH = "/api/v1/config"
 PEERS_PATH = "/api/v1/peers"
 SWARM_PATH = "/api/v1/swarm"
@@ -115,11 +116,7 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
         raise ExchangeError(f"the swarm at {url} trains {config['model']}: a joiner cannot choose another model "
                             "(model is a joiner's own only when the swarm's is a folder on its mother's disk)")
     for dotted, value in (local_overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(config, dotted, value)
     if "source" not in config.get("data", {}):
         raise ExchangeError(
             f"the swarm at {url} trains on a folder on its mother's disk; give this node its own copy of the data "
