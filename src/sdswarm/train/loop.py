@@ -30,6 +30,8 @@ from sdswarm.train.step import diffusion_loss, encode_latents, half_dtype
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"  # one JSON record per log_every steps (Progress.snapshot() and the time)
+
 
 @dataclass
 class Progress:
@@ -220,7 +222,7 @@ class Trainer:
             refresh=False,
         )
         record = p.snapshot()
-        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": time.time(), **record}) + "\n")
         if not bar.disable and bar.fp.isatty():
             return
