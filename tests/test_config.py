@@ -107,3 +107,8 @@ def test_errors_carry_the_keys_to_fix(data, keys):
     with pytest.raises(ConfigError) as error:
         parse_config(data)
     assert error.value.keys == keys
+
+
+def test_the_old_name_of_max_swarm_steps_still_reads():
+    assert parse_config({"model": "x", "train": {"max_epochs": 3}}).train.max_swarm_steps == 3
+    assert parse_config({"model": "x", "train": {"max_swarm_steps": 4}}).train.max_swarm_steps == 4

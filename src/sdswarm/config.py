@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
@@ -73,9 +73,10 @@ class DataConfig(Section):
 class TrainConfig(Section):
     batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="samples per local step")
     max_steps: PositiveInt | None = Field(None, description="stop after this many local steps; none: run on")
-    max_epochs: PositiveInt | None = Field(
-        None, description="stop when the swarm has made this many optimizer steps: every peer stops at the same "
-        "point with the same weights; none: run on"
+    max_swarm_steps: PositiveInt | None = Field(
+        None, validation_alias=AliasChoices("max_swarm_steps", "max_epochs"),  # its old name still reads
+        description="stop when the swarm has made this many swarm steps (optimizer steps of the whole swarm): "
+        "every peer stops at the same point with the same weights; none: run on",
     )
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999

@@ -65,7 +65,7 @@ class NodeAccess(Protocol):
 
     def history(self) -> list[dict]:
         """Metrics records, oldest first: {time, step, loss, loss_avg, samples_per_second, local_epoch,
-        swarm_epoch, swarm_samples, target_batch_size}."""
+        swarm_epoch (swarm steps, by hivemind's counters), swarm_samples, target_batch_size}."""
         ...
 
     def log_tail(self, lines: int) -> list[str]: ...
