@@ -164,7 +164,8 @@ def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
 
 
 def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False) -> RunSummary:
-    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_epochs or a signal."""
+    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_swarm_steps or a
+    signal."""
     return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume)
 
 
@@ -221,12 +222,12 @@ def run_node(
                                                config.swarm.startup_timeout)
         position = trainer.progress
         # the round training starts with (after a resume, the one it stopped in), in this peer's slot
-        log.info("aspect buckets:\n%s", stream.describe(position.data_pass))
-        if resumed_slot is not None and stream.slot_of(position.data_pass) != resumed_slot:
+        log.info("aspect buckets:\n%s", stream.describe(position.data_round))
+        if resumed_slot is not None and stream.slot_of(position.data_round) != resumed_slot:
             log.warning("resumed in round %d at batch %d: this peer trained it from data slot %d, now slot %d (a "
                         "peer of higher priority holds %d): the rest of the round comes from slot %d's chunk",
-                        position.data_pass, position.data_batch, resumed_slot, stream.slot_of(position.data_pass),
-                        resumed_slot, stream.slot_of(position.data_pass))
+                        position.data_round, position.data_batch, resumed_slot, stream.slot_of(position.data_round),
+                        resumed_slot, stream.slot_of(position.data_round))
         return train_and_evaluate(trainer, controls, stream, seed=config.seed,
                                   eval_file=config.output.dir / EVAL_FILE)
 
@@ -291,7 +292,7 @@ def publish_metrics(dht: hivemind.DHT, run_id: str, trainer: Trainer, stream: Ba
 def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchStream, *, seed: int,
                        eval_file: Path) -> RunSummary:
     """Train until done, with the fixed-seed loss on the same batches before and after."""
-    eval_batches = load_eval_batches(eval_file, stream, trainer.progress.data_pass)
+    eval_batches = load_eval_batches(eval_file, stream, trainer.progress.data_round)
     components = trainer.components
 
     def eval_loss() -> float:
@@ -306,7 +307,7 @@ def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchSt
     return summary
 
 
-def load_eval_batches(path: Path, stream: BatchStream, data_pass: int) -> list[Batch]:
+def load_eval_batches(path: Path, stream: BatchStream, data_round: int) -> list[Batch]:
     """The fixed-seed eval batches: kept in `path` from the run's first start (so a resumed run fetches nothing
     for them), else the first batches of the pass training starts with, saved there."""
     if path.is_file():
@@ -314,8 +315,8 @@ def load_eval_batches(path: Path, stream: BatchStream, data_pass: int) -> list[B
             saved = torch.load(path, weights_only=True)
             return [Batch(pixels=pixels, captions=list(captions)) for pixels, captions in saved]
         except Exception as exc:  # damaged, or another layout: make them again
-            log.warning("eval batches %s unreadable (%s): taking them from round %d", path, exc, data_pass)
-    batches = [batch for _, _, batch in itertools.islice(stream.iterate(data_pass), EVAL_BATCHES)]
+            log.warning("eval batches %s unreadable (%s): taking them from round %d", path, exc, data_round)
+    batches = [batch for _, _, batch in itertools.islice(stream.iterate(data_round), EVAL_BATCHES)]
     buffer = io.BytesIO()
     torch.save([(b.pixels, b.captions) for b in batches], buffer)
     write_atomic(path, buffer.getvalue())
@@ -323,13 +324,13 @@ def load_eval_batches(path: Path, stream: BatchStream, data_pass: int) -> list[B
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
-    """Train until max_steps, max_epochs or a signal. A stop from the UI pauses training (after a checkpoint) and the
-    node stays up, serving its UI, until it is started again or told to quit."""
+    """Train until max_steps, max_swarm_steps or a signal. A stop from the UI pauses training (after a checkpoint)
+    and the node stays up, serving its UI, until it is started again or told to quit."""
     while True:
         controls.state = "training"
         trainer.run(controls.stop_training)
         if controls.quit.is_set() or not controls.stop_training.is_set():
-            return  # a signal, or max_steps / max_epochs reached
+            return  # a signal, or max_steps / max_swarm_steps reached
         controls.state = "stopped"
         log.info("training stopped from the UI at step %d; start it again there, or Ctrl-C to quit",
                  trainer.progress.step)
@@ -344,10 +345,10 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
-        log.info("the swarm is at epoch %d, this peer at %d: downloading the current state from peers",
+        log.info("the swarm is at swarm step %d, this peer at %d: downloading the current state from peers",
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
-        log.info("caught up: now at epoch %d", optimizer.local_epoch)
+        log.info("caught up: now at swarm step %d", optimizer.local_epoch)
         return True
     if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)

@@ -20,7 +20,7 @@ def test_a_joiner_downloads_the_index_from_its_relay_and_a_joiner_with_another_i
     with howto_bucket(tmp_path / "bucket", 96) as (bucket, template, index):
         try:
             mother = Peer("mother", tmp_path, max_steps=400, **{
-                "data.source": template, "data.index": str(index), "swarm.min_peers": 2, "train.max_epochs": 3})
+                "data.source": template, "data.index": str(index), "swarm.min_peers": 2, "train.max_swarm_steps": 3})
             started.append(mother.start())
             mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
             joiner = Peer("joiner", tmp_path, join=mother.address, max_steps=400)
@@ -44,7 +44,7 @@ def test_a_joiner_downloads_the_index_from_its_relay_and_a_joiner_with_another_i
     assert swarm_hash in stranger.log() and "another index gives another shard plan" in stranger.log()
     assert "web UI" not in stranger.log()
     for peer in (mother, joiner):
-        assert "the swarm reached epoch 3 (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
+        assert "the swarm reached swarm step 3 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
     # no two peers trained the same posts in the same round
     slots = [dict(re.findall(r"round (\d+) \(slot (\d+)\)", peer.log())) for peer in (mother, joiner)]
     shared_rounds = set(slots[0]) & set(slots[1])

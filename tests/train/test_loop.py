@@ -72,8 +72,8 @@ def test_resume_continues_with_the_same_step_count_and_optimizer_state(tmp_path,
         run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides), settings=LOOPBACK, resume=True)
     trainer = captured["trainer"]
     assert trainer.progress.step == 12
-    assert (trainer.progress.data_pass, trainer.progress.data_batch) == (
-        saved["progress"]["data_pass"], saved["progress"]["data_batch"])
+    assert (trainer.progress.data_round, trainer.progress.data_batch) == (
+        saved["progress"]["data_round"], saved["progress"]["data_batch"])
     restored = trainer.optimizer.state_dict()
     assert restored["state"]["local_epoch"] == saved["optimizer"]["state"]["local_epoch"] > 0
     for index, expected in saved["optimizer"]["state"].items():
@@ -169,10 +169,10 @@ def test_resume_fetches_nothing_already_cached_and_continues_in_the_same_round(t
         assert summary.progress.step == 10
         fetched_again = {name.rsplit("/", 1)[1] for name, n in bucket.hits.items() if n > hits_before[name]}
         assert not fetched_again & cached, f"fetched again after the resume: {sorted(fetched_again & cached)}"
-        resumed = re.search(rf"round {saved['data_pass']} \(slot (\d+)\): \d+ of \d+ posts ready \((\d+) fetched",
+        resumed = re.search(rf"round {saved['data_round']} \(slot (\d+)\): \d+ of \d+ posts ready \((\d+) fetched",
                             caplog.text)
         assert resumed and int(resumed.group(1)) == saved["data_slot"] and resumed.group(2) == "0", caplog.text
         assert "converting it once" not in caplog.text  # the converted index is reused
         # no round before the one it stopped in is drawn again (for the eval batches or the bucket table)
         drawn = {int(r) for r in re.findall(r"round (\d+) \(slot", caplog.text)}
-        assert saved["data_pass"] > 0 and min(drawn) == saved["data_pass"], (saved, drawn)
+        assert saved["data_round"] > 0 and min(drawn) == saved["data_round"], (saved, drawn)

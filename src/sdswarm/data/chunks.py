@@ -396,9 +396,9 @@ def open_chunks(
                                data.caption_escape_parentheses)
     cache = WorkDir(workdir, int(data.workdir_max_gb * 1e9), caption_key=captions.key())
     rejects = RejectedPosts(rejects_file(workdir), bucket=f"{bucket!r} {captions.key()}")
-    log.info("data: %d posts in %s, files from %s; slot %s of %d; about %d posts per chunk, %d rounds per pass "
-             "over the index; work dir %s (%d pairs cached, %d posts remembered as rejected)", len(posts),
-             index.file, bucket, "chosen each round" if slot is None else slot, data.shards,
+    log.info("data: %d posts in %s, files from %s; slot %s of %d; about %d posts per chunk, %d rounds per data "
+             "epoch (a walk over the whole index); work dir %s (%d pairs cached, %d posts remembered as rejected)",
+             len(posts), index.file, bucket, "chosen each round" if slot is None else slot, data.shards,
              len(posts) // plan.chunks_per_epoch, plan.rounds_per_epoch, workdir, len(cache), len(rejects))
     return ChunkSource(index=posts, bucket=bucket, workdir=cache, plan=plan,
                        slot=slot if slot is not None else start_slot, choose_slot=choose_slot,
