@@ -173,18 +173,6 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _check_demo_model(self) -> Config:
-        # the demo's 48-160 px coloured shapes would only ruin a real model
-        if self.data.source == "builtin:demo" and self.model != "builtin:tiny":
-            raise ValueError(
-                f"data.source is builtin:demo (coloured shapes for the tiny model) but model is {self.model!r}: "
-                "point data at real data, e.g. data.source: https://.../danbooru/{post_id}.{image_ext} with "
-                "data.index: posts.db (build one with: sdswarm index build --from-dump DUMP --out posts.db), or "
-                "a folder of {post_id}.{ext} + .json pairs; or train model: builtin:tiny on the demo"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _check_precision(self) -> Config:
         # the how-to's fp16: True always means fp16; a different train.mixed_precision would be silently ignored
         if self.fp16 and self.train.mixed_precision not in (None, "fp16"):
@@ -192,6 +180,18 @@ class Config(Section):
                 f"fp16: True conflicts with train.mixed_precision: {self.train.mixed_precision}; "
                 "set fp16: False to use it", "fp16", "train.mixed_precision",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_demo_model(self) -> Config:
+        # the demo's 48-160 px coloured shapes would only ruin a real model
+        if self.data.source == "builtin:demo" and self.model != "builtin:tiny":
+            raise CrossKeyError(
+                f"data.source is builtin:demo (coloured shapes for the tiny model) but model is {self.model!r}: "
+                "point data at real data, e.g. data.source: https://.../danbooru/{post_id}.{image_ext} with "
+                "data.index: posts.db (build one with: sdswarm index build --from-dump DUMP --out posts.db), or "
+                "a folder of {post_id}.{ext} + .json pairs; or train model: builtin:tiny on the demo",
+                "data.source", "model")
         return self
 
     @property
