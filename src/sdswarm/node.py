@@ -36,7 +36,7 @@ from sdswarm.model.loading import SDComponents, default_cache_dir, load_componen
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
-from sdswarm.swarm.optimizer import make_optimizer
+from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights, make_optimizer
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import (
     PeerMetrics,
@@ -234,8 +234,9 @@ def run_node(
         eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
 
         def eval_loss() -> float:
-            return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
-                                   encoder, eval_batches, seed=config.seed)
+            with global_weights(optimizer):
+                return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
+                                       encoder, eval_batches, seed=config.seed)
 
         summary = RunSummary(trainer.progress, eval_loss(), math.nan)
         train_until_done(trainer, controls)
@@ -264,7 +265,7 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
             return
 
 
-def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
+def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
