@@ -41,7 +41,7 @@ def local_phase(params, optimizer: DiLoCoOptimizer, grads: list[list[torch.Tenso
     deadline is given)."""
     epoch = optimizer.local_epoch
     for step_grads in grads:
-        for param, grad in zip(params, step_grads):
+        for param, grad in zip(params, step_grads, strict=True):
             param.grad = grad.clone()
         optimizer.step()
     while deadline is not None and optimizer.local_epoch == epoch:
@@ -99,11 +99,11 @@ def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_join
                 momentum[i] = MOMENTUM * momentum[i] + pseudo[i]
                 globals_[i] = globals_[i] - LR * (pseudo[i] + MOMENTUM * momentum[i])
             for params in (params_a, params_b):  # every peer restarts from the same global weights
-                for param, expected in zip(params, globals_):
+                for param, expected in zip(params, globals_, strict=True):
                     torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-5)
             for opt in optimizers:
                 buffers = [opt.state_averager.optimizer.state[g]["momentum_buffer"] for g in opt.global_params]
-                for buffer, expected in zip(buffers, momentum):
+                for buffer, expected in zip(buffers, momentum, strict=True):
                     torch.testing.assert_close(buffer, expected, rtol=1e-5, atol=1e-5)
 
         # a late joiner with other weights downloads the global weights and the outer momentum
@@ -119,16 +119,16 @@ def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_join
         joiner.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
         assert joiner.load_state_from_peers()
         assert joiner.local_epoch == 2
-        for param, expected in zip(params_c, globals_):  # fp16 weights: within half a unit in the last place
+        for param, expected in zip(params_c, globals_, strict=True):  # fp16: half a unit in the last place
             torch.testing.assert_close(param.detach(), expected, rtol=2**-11, atol=1e-6)
         buffers = [joiner.state_averager.optimizer.state[g]["momentum_buffer"] for g in joiner.global_params]
-        for buffer, expected in zip(buffers, momentum):  # 8-bit: within a bucket (6 sigma / 256)
+        for buffer, expected in zip(buffers, momentum, strict=True):  # 8-bit: within a bucket (6 sigma / 256)
             assert (buffer - expected).abs().max() <= 6 * expected.std() / 256 + 1e-6
 
         # what it downloaded: the global weights in fp16 and the outer momentum in 8 bits, nothing else
         metadata, tensors, infos = opt_a.state_averager.get_current_state()
         assert len(tensors) == 2 * len(SHAPES)
-        sent = sum(len(state_compression().compress(t, info).buffer) for t, info in zip(tensors, infos))
+        sent = sum(len(state_compression().compress(t, info).buffer) for t, info in zip(tensors, infos, strict=True))
         num_params = sum(p.numel() for p in params_a)
         roles = [info.role for info in infos]
         assert roles == [TensorRole.PARAMETER] * 3 + [TensorRole.OPTIMIZER] * 3
