@@ -49,7 +49,7 @@ def local_phase(params, optimizer: DiLoCoOptimizer, grads: list[list[torch.Tenso
         for param in params:
             param.grad = torch.zeros_like(param)
         optimizer.step(batch_size=0)
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 def see_each_other(optimizers: list[DiLoCoOptimizer], timeout: float = 60) -> None:
