@@ -122,8 +122,8 @@ def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_join
         for param, expected in zip(params_c, globals_, strict=True):  # fp16: half a unit in the last place
             torch.testing.assert_close(param.detach(), expected, rtol=2**-11, atol=1e-6)
         buffers = [joiner.state_averager.optimizer.state[g]["momentum_buffer"] for g in joiner.global_params]
-        for buffer, expected in zip(buffers, momentum, strict=True):  # 8-bit: within a bucket (6 sigma / 256)
-            assert (buffer - expected).abs().max() <= 6 * expected.std() / 256 + 1e-6
+        for buffer, expected in zip(buffers, momentum, strict=True):  # 8-bit: ~1.6 % (tests/swarm/test_costs.py)
+            assert (buffer - expected).norm() <= 0.03 * expected.norm()
 
         # what it downloaded: the global weights in fp16 and the outer momentum in 8 bits, nothing else
         metadata, tensors, infos = opt_a.state_averager.get_current_state()

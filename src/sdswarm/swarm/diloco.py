@@ -155,13 +155,19 @@ class DiLoCoOptimizer:
             self.batch_size_per_step if batch_size is None else batch_size)
         self.tracker.report_local_progress(self.local_epoch, samples)
         self._maybe_schedule_round()
-        if self.tracker.ready_to_update_epoch:
+        if self._swarm_reached_target():
             self.last_outer_step = self._outer_step()
 
     def global_weights(self) -> contextlib.AbstractContextManager:
         return self._global_weights_swapped_in()
 
     # --- the swarm step ------------------------------------------------------------------------------------
+
+    def _swarm_reached_target(self) -> bool:
+        """hivemind's readiness without its guess from the swarm's speed (which steps early after a burst of
+        samples, as OpenDiLoCo also found): the samples are there, or another peer has stepped."""
+        progress = self.tracker.global_progress
+        return progress.epoch > self.local_epoch or progress.samples_accumulated >= self.tracker.target_batch_size
 
     def _missed_a_swarm_step(self) -> bool:
         in_a_group = self.scheduled is not None and not self.scheduled.done()

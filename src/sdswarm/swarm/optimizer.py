@@ -70,7 +70,7 @@ def check_compression(name: str) -> tuple[float, float]:
             restored = deserialize_torch_tensor(message)
         error = (restored - tensor).abs().max().item()
     except Exception as exc:
-        fix = ("needs the bitsandbytes package on every peer (pip install bitsandbytes), or set "
+        fix = ("It needs the bitsandbytes package on every peer (pip install bitsandbytes), or set "
                "swarm.compression: uniform8bit") if name == "blockwise8bit" else (
                "Install the pinned versions (pip install 'numpy<2.4'), or set swarm.compression: scaled_fp16")
         raise RuntimeError(
