@@ -11,7 +11,7 @@ from sdswarm.swarm.optimizer import COMPRESSIONS, check_compression
 @pytest.mark.parametrize("name", sorted(COMPRESSIONS))
 def test_every_compression_the_config_offers_round_trips_here(name):
     if name == "blockwise8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(RuntimeError, match=r"(?s)'blockwise8bit' does not work.*bitsandbytes package on every peer"):
+        with pytest.raises(RuntimeError, match=r"(?s)'blockwise8bit' does not work.*bitsandbytes package"):
             check_compression(name)
         return
     check_compression(name)  # hivemind 1.1.12's 8-bit decoder failed on numpy 2.4: partial rounds, silently

@@ -110,7 +110,7 @@ DILOCO = {"swarm.sync": "local_steps", "swarm.local_steps": 4}
 
 
 def test_diloco_three_peers_share_each_outer_step_and_hold_one_model(peers):
-    mother = peers("mother", max_steps=400, **{"swarm.min_peers": 3, "train.max_epochs": 4, **DILOCO}).start()
+    mother = peers("mother", max_steps=400, **{"swarm.min_peers": 3, "train.max_swarm_steps": 4, **DILOCO}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     joiners = [peers(f"joiner{i}", join=mother.address, max_steps=400).start() for i in (1, 2)]
     everyone = [mother, *joiners]
@@ -119,7 +119,7 @@ def test_diloco_three_peers_share_each_outer_step_and_hold_one_model(peers):
 
     for peer in everyone:
         assert "swarm.sync local_steps, uniform8bit" in peer.log()  # the start-up network estimate
-        assert "the swarm reached epoch 4 (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
+        assert "the swarm reached swarm step 4 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
         averaged = re.findall(r"swarm step \d+: averaged \(group of (\d)", peer.log())
         assert len(averaged) >= 3 and "3" in averaged, f"{peer.name}: {averaged}"
         start, end = peer.eval_losses()
@@ -139,7 +139,7 @@ def test_diloco_late_joiner_downloads_the_global_weights_and_a_killed_peer_does_
     mother.wait_until(lambda: mother.log().count(": averaged (group of 2") >= 2, "two outer steps")
 
     late = peers("late", join=mother.address, max_steps=1000).start()
-    late.wait_until(lambda: "caught up: now at epoch" in late.log(), "downloading the state")
+    late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state")
     # global weights in fp16 + the outer momentum in 8 bits: 3 bytes per parameter, not 12
     found = re.search(r"a late joiner downloads ([\d.]+) MB \(([\d.]+) bytes per parameter\)", late.log())
     assert found and float(found.group(2)) < 3.5, late.log()[-3000:]
