@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class OuterStep:
     """How a swarm step went, for logs and health records."""
 
-    epoch: int  # the swarm step this peer is at afterwards
+    swarm_step: int  # the swarm step this peer is at afterwards (hivemind's local_epoch)
     outcome: Literal["averaged", "alone", "missed"]  # alone: no other peer in the swarm; missed: state downloaded
     group_size: int  # peers whose pseudo-gradients were averaged (1 when alone)
     local_steps: int  # AdamW steps this peer took since the last swarm step
@@ -204,7 +204,7 @@ class DiLoCoOptimizer:
         if outcome == "missed":
             self.load_state_from_peers()
         result = OuterStep(self.local_epoch, outcome, max(group_size, 1), local_steps, time.perf_counter() - start)
-        log.info("swarm step %d: %s (group of %d, %d local steps, %.1f s)", result.epoch, result.outcome,
+        log.info("swarm step %d: %s (group of %d, %d local steps, %.1f s)", result.swarm_step, result.outcome,
                  result.group_size, result.local_steps, result.seconds)
         return result
 
