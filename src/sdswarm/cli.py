@@ -19,7 +19,8 @@ log = logging.getLogger("sdswarm")
 # What a joining node may set for itself; everything else is the swarm's and comes from the relay.
 # (A key ending in "." covers its section.) `model` only where the swarm's is a folder on the mother's disk.
 JOINER_KEYS = ("output.", "data.workdir", "data.loader_workers", "data.source", "data.index", "model", "train.device",
-               "train.batch_size", "train.gradient_checkpointing", "train.attention", "train.max_steps")
+               "train.batch_size", "train.gradient_checkpointing", "train.attention", "train.max_steps",
+               "swarm.uplink_mbit", "swarm.min_link_mbit")
 DEFAULT_JOIN_OUTPUT = "output/joined"
 
 
