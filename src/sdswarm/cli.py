@@ -136,7 +136,7 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
     log.info("joining run %r through %s (%d DHT addresses)", info.config.swarm.run_id, info.base_url, len(info.peers))
     transformers.logging.set_verbosity_error()
     run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
-             demo_mirror=info.base_url + DATA_PATH)
+             demo_mirror=info.base_url + DATA_PATH, swarm_base=info.base_model)
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 import hivemind
 import torch
 
-from sdswarm.config import Config, SwarmConfig
+from sdswarm.config import Config, LoraConfig, SwarmConfig
 from sdswarm.controls import LogTail, NodeControls
 from sdswarm.data.bucket import bucket_routes
 from sdswarm.data.buckets import make_buckets
@@ -33,6 +33,7 @@ from sdswarm.data.shards import choose_slot
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
+from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
@@ -67,27 +68,41 @@ def pick_device(choice: str) -> torch.device:
 
 
 def prepare_model(components: SDComponents, *, device: torch.device, train_text_encoder: bool, fp16: bool,
-                  bf16: bool = False, gradient_checkpointing: bool = False, attention: str = "default"):
-    """Move the parts to the device; return the trainable parameters (the only ones hivemind may see)."""
+                  bf16: bool = False, gradient_checkpointing: bool = False, attention: str = "default",
+                  lora: LoraConfig | None = None, seed: int = 0):
+    """Move the parts to the device; return the trainable parameters (the only ones hivemind may see).
+
+    `lora`: freeze the UNet and text encoder and train adapters on them instead (initialised from `seed`, the same
+    on every peer); on CUDA the frozen base is in half precision, the adapters in fp32."""
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError("train.mixed_precision: bf16, but this GPU has no bf16 support (Ampere or newer has); "
                            "use fp16: True instead")
     half_frozen = half_dtype(fp16=fp16, bf16=bf16, device=device)  # frozen parts need no fp32 master weights
     components.vae.requires_grad_(False).eval().to(device)
-    components.unet.requires_grad_(True).to(device)
-    components.text_encoder.requires_grad_(train_text_encoder).to(device)
-    if half_frozen is not None:
-        components.vae.to(half_frozen)
-        if not train_text_encoder:
-            components.text_encoder.to(half_frozen)
+    if lora is not None:
+        trainable = add_adapters(components, lora, text_encoder=train_text_encoder, seed=seed)  # on the CPU: same RNG
+        components.unet.to(device)
+        components.text_encoder.to(device)
+        if half_frozen is not None:
+            for part in (components.vae, components.unet, components.text_encoder):
+                part.to(half_frozen)
+            for param in trainable:  # the same Parameter objects, back to fp32
+                param.data = param.data.float()
+    else:
+        components.unet.requires_grad_(True).to(device)
+        components.text_encoder.requires_grad_(train_text_encoder).to(device)
+        if half_frozen is not None:
+            components.vae.to(half_frozen)
+            if not train_text_encoder:
+                components.text_encoder.to(half_frozen)
+        trainable = list(components.unet.parameters())
+        if train_text_encoder:
+            trainable += list(components.text_encoder.parameters())
     set_attention((components.unet, components.vae), attention)
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             components.text_encoder.activation_checkpointing_enable()  # transformers 5's name for it
-    trainable = list(components.unet.parameters())
-    if train_text_encoder:
-        trainable += list(components.text_encoder.parameters())
     # fp32 master weights: what autocast expects, and hivemind's fp16 compression refuses bf16 tensors
     if any(p.dtype != torch.float32 for p in trainable):
         raise RuntimeError(f"trainable parameters must be float32, found {sorted({str(p.dtype) for p in trainable})}")
@@ -161,7 +176,9 @@ def run_node(
     initial_peers: Sequence[str] = (),
     resume: bool = False,
     demo_mirror: str | None = None,
+    swarm_base: BaseIdentity | None = None,
 ) -> RunSummary:
+    """`swarm_base`: the base model of the LoRA swarm being joined (from the relay); this peer's must match."""
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     out = config.output.dir
@@ -188,11 +205,18 @@ def run_node(
         stream = prepare_data(config, seed=seed, peer_id=peer_id,
                               choose_slot=partial(choose_data_slot, dht, config, peer_id), demo_mirror=demo_mirror)
         cleanup.callback(stream.close)
-        components = load_components(str(resume_from) if resume_from else config.model)
+        lora = config.train.lora
+        # a LoRA checkpoint holds the adapters only: the base always comes from `model`
+        components = load_components(str(resume_from) if resume_from and lora is None else config.model)
+        lora_base = check_lora_base(config.model, components, swarm_base, resume_from) if lora else None
         trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
                                   fp16=config.precision == "fp16", bf16=config.precision == "bf16",
                                   gradient_checkpointing=config.train.gradient_checkpointing,
-                                  attention=config.train.attention)
+                                  attention=config.train.attention, lora=lora, seed=config.seed)
+        if lora is not None and resume_from is not None:
+            load_adapters(components, resume_from)  # before the optimizer copies them
+        training = training_mode(config, trainable, lora_base)
+        log.info("training: %s", describe_training(training))
         encoder = PromptEncoder(components.tokenizer, components.text_encoder,
                                 extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate)
 
@@ -208,7 +232,7 @@ def run_node(
             stream=stream, optimizer=optimizer, trainable=trainable,
             ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
             checkpoints=checkpoints, settings=loop_settings(config, seed), output_dir=out,
-            config_yaml=config.to_yaml(), device=device,
+            config_yaml=config.to_yaml(), device=device, lora_base=lora_base,
         )
         if resume_from is not None:
             trainer.load_state_dict(load_training_state(resume_from))
@@ -219,8 +243,9 @@ def run_node(
             trainer=trainer, settings_dir=out, run_id=config.swarm.run_id, swarm_view=swarm_view,
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
+            training=training,
         )
-        address = start_http(config, settings, dht, controls, cleanup)
+        address = start_http(config, settings, dht, controls, cleanup, lora_base=lora_base)
         display_role = "mother" if role == "mother" else settings.mode
         publisher = Publisher(dht, config.swarm.run_id, lambda: peer_metrics(
             trainer.progress, peer_id, display_role, address, stream.chunks.slot))
@@ -264,6 +289,39 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
             return
 
 
+def check_lora_base(model: str, components: SDComponents, swarm_base: BaseIdentity | None,
+                    resume_from: Path | None) -> BaseIdentity:
+    """Name this peer's base model (hash its weights) and refuse adapters trained on another: the swarm's, or the
+    checkpoint's this run resumes from."""
+    started = time.perf_counter()
+    ours = base_identity(model, components)
+    log.info("base model %s (hashed in %.1f s)", ours.describe(), time.perf_counter() - started)
+    if swarm_base is not None:
+        check_base(ours, swarm_base, "the swarm")
+    if resume_from is not None:
+        check_base(ours, read_base(resume_from), f"checkpoint {resume_from}")
+    return ours
+
+
+def training_mode(config: Config, trainable: Sequence[torch.nn.Parameter], lora_base: BaseIdentity | None) -> dict:
+    """What this node trains, for the log, the UI and `sdswarm status`."""
+    parameters, size = size_of(trainable)
+    lora = config.train.lora
+    return {"mode": "lora" if lora else "full", "rank": lora.rank if lora else None,
+            "alpha": lora.scale_alpha if lora else None, "text_encoder": config.train_text_encoder,
+            "parameters": parameters, "megabytes": round(size / 1e6, 2),
+            "base_model": lora_base.to_json() if lora_base else None}
+
+
+def describe_training(training: dict) -> str:
+    what = "UNet + text encoder" if training["text_encoder"] else "UNet"
+    size = f"{training['parameters']:,} parameters, {training['megabytes']:g} MB in fp32"
+    if training["mode"] == "lora":
+        return (f"LoRA rank {training['rank']} (alpha {training['alpha']:g}) on the {what}: hivemind averages the "
+                f"adapters only, {size}; the base model stays frozen")
+    return f"full fine-tune of the {what}: {size}"
+
+
 def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
@@ -279,7 +337,7 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
 
 
 def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
-               cleanup: contextlib.ExitStack) -> str | None:
+               cleanup: contextlib.ExitStack, lora_base: BaseIdentity | None = None) -> str | None:
     """Serve the web UI, and on a relay the I.E endpoints beside it; return the address a friend joins with.
 
     A relay listens where its settings say; a client serves only its own UI, on loopback.
@@ -291,9 +349,9 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
     app = create_app(controls, admin_token=token, private_paths=private)
     routes = [] if settings.client_mode else exchange_routes(
-        config_answer=partial(config_answer, config),
+        config_answer=partial(config_answer, config, lora_base),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
-        swarm_answer=lambda: {"protocol": PROTOCOL, **controls.swarm()},
+        swarm_answer=lambda: {"protocol": PROTOCOL, "training": controls.training, **controls.swarm()},
     )
     if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
         routes += bucket_routes(demo_dir(), prefix=DATA_PATH)

@@ -16,6 +16,7 @@ import aiohttp
 
 from sdswarm import __version__
 from sdswarm.config import Config, ConfigError, parse_config
+from sdswarm.model.lora import BaseIdentity
 
 PROTOCOL = 1  # bump when the answers change shape; joiners refuse a relay that speaks another
 CONFIG_PATH = "/api/v1/config"
@@ -42,8 +43,13 @@ def _is_shared_source(source: str) -> bool:
     return source.startswith(("builtin:", "http://", "https://"))
 
 
-def config_answer(config: Config) -> dict[str, Any]:
-    return {"protocol": PROTOCOL, "version": __version__, "config": public_config(config)}
+def config_answer(config: Config, lora_base: BaseIdentity | None = None) -> dict[str, Any]:
+    """The swarm's training config, and in LoRA mode the base model its adapters belong to (a joiner with another
+    base refuses to train)."""
+    answer = {"protocol": PROTOCOL, "version": __version__, "config": public_config(config)}
+    if lora_base is not None:
+        answer["base_model"] = lora_base.to_json()
+    return answer
 
 
 def peers_answer(visible_maddrs: list[str]) -> dict[str, Any]:
@@ -55,6 +61,7 @@ class JoinInfo:
     base_url: str
     config: Config
     peers: list[str]
+    base_model: BaseIdentity | None = None  # LoRA swarms: the base the adapters belong to
 
 
 class ExchangeError(RuntimeError):
@@ -107,7 +114,13 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
     peers = peers_data.get("peers")
     if not isinstance(peers, list) or not peers or not all(isinstance(p, str) and p.startswith("/") for p in peers):
         raise ExchangeError(f"relay {url} sent no usable DHT addresses in {PEERS_PATH}: {peers!r}")
-    return JoinInfo(base_url=url, config=parsed, peers=peers)
+    base_model = None
+    if parsed.train.lora is not None:
+        try:
+            base_model = BaseIdentity.from_json(config_data.get("base_model"), f"relay {url}'s base_model")
+        except ValueError as exc:
+            raise ExchangeError(f"{exc}: a LoRA swarm's relay names its base model") from None
+    return JoinInfo(base_url=url, config=parsed, peers=peers, base_model=base_model)
 
 
 def fetch_swarm_view(address: str, timeout: float = 15.0) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sdswarm.data.loader import Batch, BatchStream
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
+from sdswarm.model.lora import BaseIdentity
 from sdswarm.model.text import PromptEncoder, drop_captions
 from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
@@ -89,11 +90,13 @@ class Trainer:
         output_dir: Path,
         config_yaml: str,
         device: torch.device,
+        lora_base: BaseIdentity | None = None,
     ) -> None:
+        """`trainable`: what hivemind steps (LoRA: the adapters only, on the base named by `lora_base`)."""
         self.components, self.encoder, self.train_text_encoder = components, encoder, train_text_encoder
         self.stream, self.optimizer, self.trainable, self.ema = stream, optimizer, list(trainable), ema
         self.checkpoints, self.settings, self.config_yaml, self.device = checkpoints, settings, config_yaml, device
-        self.output_dir = Path(output_dir)
+        self.output_dir, self.lora_base = Path(output_dir), lora_base
         self.noise_generator = torch.Generator(device).manual_seed(settings.seed)
         self.caption_rng = random.Random(settings.seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.fp16 and device.type == "cuda")
@@ -199,7 +202,8 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.progress.step == self._last_saved_step:
             return None
-        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), self.config_yaml)
+        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), self.config_yaml,
+                                     lora_base=self.lora_base)
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path
