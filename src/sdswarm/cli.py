@@ -73,11 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("changes", nargs="*", metavar="KEY=VALUE")
     settings.add_argument("--output", default="output", help="the node's folder (default: %(default)s)")
 
-    export = commands.add_parser("export", help="write a checkpoint as one .safetensors file (A1111, ComfyUI)")
+    export = commands.add_parser(
+        "export", help="write a checkpoint as one .safetensors file (A1111, ComfyUI)",
+        description="A full fine-tune's checkpoint: the whole model in the original SD layout. A LoRA checkpoint: the "
+                    "adapters (--format kohya for A1111/ComfyUI, diffusers for load_lora_weights), or with --merge the "
+                    "base with the adapters merged in, as one model file.")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. output/checkpoints/step_00001000")
     export.add_argument("out", help="the .safetensors file to write")
     export.add_argument("--ema", action="store_true", help="the EMA weights (the run had use_ema: True)")
     export.add_argument("--half", action="store_true", help="store fp16: half the size")
+    export.add_argument("--format", choices=("kohya", "diffusers"),
+                        help="LoRA checkpoints: kohya's layout (A1111, ComfyUI; the default) or diffusers'")
+    export.add_argument("--merge", action="store_true", help="LoRA checkpoints: the base with the adapters merged in")
 
     index = commands.add_parser("index", help="dataset index tools")
     index_commands = index.add_subparsers(dest="index_command", required=True)
@@ -96,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "index":
             return build_index_cli(args)
         if args.command == "export":
-            return export(args.checkpoint, args.out, ema=args.ema, half=args.half)
+            return export(args.checkpoint, args.out, ema=args.ema, half=args.half, fmt=args.format, merge=args.merge)
         overrides = parse_pairs(args.overrides, "--set")
         if args.max_steps is not None:
             overrides["train.max_steps"] = args.max_steps
@@ -140,13 +147,28 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
     return 0
 
 
-def export(checkpoint: str, out: str, *, ema: bool, half: bool) -> int:
+def export(checkpoint: str, out: str, *, ema: bool, half: bool, fmt: str | None = None, merge: bool = False) -> int:
+    from sdswarm.model.lora import BaseModelMismatch
+    from sdswarm.train.checkpoint import CONFIG_FILE
     from sdswarm.train.export import export_single_file
+    from sdswarm.train.lora_export import export_lora_checkpoint, is_lora_checkpoint
 
     transformers.logging.set_verbosity_error()
     try:
-        print(f"wrote {export_single_file(checkpoint, out, use_ema=ema, half=half)}")
-    except (FileNotFoundError, ValueError) as exc:
+        if not is_lora_checkpoint(checkpoint):
+            if merge or fmt:
+                raise ValueError(f"{checkpoint} is a full fine-tune's checkpoint: --merge and --format are for LoRA "
+                                 "checkpoints; leave them out")
+            path = export_single_file(checkpoint, out, use_ema=ema, half=half)
+        else:
+            if half and not merge:
+                raise ValueError("--half applies to --merge only: adapters are exported as trained (fp32, megabytes)")
+            config = load_config(Path(checkpoint) / CONFIG_FILE)  # the model and LoRA settings it was trained with
+            path = export_lora_checkpoint(checkpoint, out, model=config.model, lora=config.train.lora,
+                                          text_encoder=config.train_text_encoder, use_ema=ema, fmt=fmt or "kohya",
+                                          merge=merge, half=half)
+        print(f"wrote {path}")
+    except (FileNotFoundError, ValueError, ConfigError, BaseModelMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,8 +13,8 @@ from sdswarm.model.lora import (
     ADAPTER_FILE,
     BASE_FILE,
     BaseModelMismatch,
-    add_adapters,
     adapter_parameters,
+    add_adapters,
     base_identity,
 )
 from sdswarm.node import run_mother
