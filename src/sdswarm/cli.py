@@ -175,7 +175,7 @@ def export(checkpoint: str, out: str, *, ema: bool, half: bool, fmt: str | None 
 
 
 def show_status(address: str) -> int:
-    from sdswarm.swarm.exchange import ExchangeError, fetch_swarm_view
+    from sdswarm.swarm.exchange import ExchangeError, describe_training, fetch_swarm_view
 
     try:
         view = fetch_swarm_view(address)
@@ -184,6 +184,8 @@ def show_status(address: str) -> int:
         return 2
     print(f"run {view['run_id']}: epoch {view['epoch']}, {view['samples_toward_target']}/{view['target_batch_size']} "
           f"samples toward the target, {view['samples_per_second']:.1f} samples/s, {len(view['peers'])} peers")
+    if training := view.get("training"):
+        print(f"training: {describe_training(training)}")
     print(f"{'peer':<16} {'role':<7} {'address':<22} {'step':>7} {'epoch':>6} {'loss':>8} {'samples/s':>10}")
     for peer in view["peers"]:
         loss = "-" if peer["loss"] is None else f"{peer['loss']:.4f}"

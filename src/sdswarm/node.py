@@ -35,9 +35,9 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
 from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
-from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
+from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, describe_training, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
-from sdswarm.swarm.optimizer import make_optimizer
+from sdswarm.swarm.optimizer import make_optimizer, state_bytes
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import (
     PeerMetrics,
@@ -313,15 +313,6 @@ def training_mode(config: Config, trainable: Sequence[torch.nn.Parameter], lora_
             "base_model": lora_base.to_json() if lora_base else None}
 
 
-def describe_training(training: dict) -> str:
-    what = "UNet + text encoder" if training["text_encoder"] else "UNet"
-    size = f"{training['parameters']:,} parameters, {training['megabytes']:g} MB in fp32"
-    if training["mode"] == "lora":
-        return (f"LoRA rank {training['rank']} (alpha {training['alpha']:g}) on the {what}: hivemind averages the "
-                f"adapters only, {size}; the base model stays frozen")
-    return f"full fine-tune of the {what}: {size}"
-
-
 def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
@@ -329,7 +320,8 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
         log.info("the swarm is at epoch %d, this peer at %d: downloading the current state from peers",
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
-        log.info("caught up: now at epoch %d", optimizer.local_epoch)
+        log.info("caught up: now at epoch %d (downloaded the swarm's state: %.3f MB)", optimizer.local_epoch,
+                 state_bytes(optimizer) / 1e6)
         return True
     if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)

@@ -56,6 +56,18 @@ def peers_answer(visible_maddrs: list[str]) -> dict[str, Any]:
     return {"protocol": PROTOCOL, "version": __version__, "peers": visible_maddrs}
 
 
+def describe_training(training: dict[str, Any]) -> str:
+    """A node's training mode (node.training_mode) in one line, for its log and `sdswarm status`."""
+    what = "UNet + text encoder" if training["text_encoder"] else "UNet"
+    size = f"{training['parameters']:,} parameters, {training['megabytes']:g} MB in fp32"
+    if training["mode"] != "lora":
+        return f"full fine-tune of the {what}: {size}"
+    base = training.get("base_model") or {}
+    return (f"LoRA rank {training['rank']} (alpha {training['alpha']:g}) on the {what}: hivemind averages the adapters "
+            f"only, {size}; the base model {base.get('model')} (weights sha256 {str(base.get('sha256'))[:16]}) stays "
+            "frozen")
+
+
 @dataclass
 class JoinInfo:
     base_url: str

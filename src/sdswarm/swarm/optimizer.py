@@ -139,6 +139,13 @@ def make_optimizer(
     return optimizer
 
 
+def state_bytes(optimizer: hivemind.Optimizer) -> int:
+    """The bytes of training state a late joiner downloads (hivemind sends it uncompressed): the parameters it was
+    handed, AdamW's moments and counters. In LoRA mode the adapters' state: megabytes, not gigabytes."""
+    _, tensors, _ = optimizer.state_averager.get_current_state()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _skip_gradient_download(optimizer: hivemind.Optimizer) -> None:
     """hivemind's load_state_from_peers (a late joiner's, or a peer's that fell behind) also downloads a peer's
     gradient buffers: a quarter of the bytes (4 of 16 per parameter, 3.4 GB for SD 1.5's UNet), never used, as
