@@ -135,6 +135,9 @@ class FakeNode:
                          "discarded": {"bad image": 12, "empty caption": 3, "missing half": 1},
                          "bytes_fetched": 512_000_000, "cache_pairs": 1900, "cache_bytes": 800_000_000,
                          "waited_s": 3.25, "workdir": str(self.output_dir / "workdir"), "note": self.leak},
+                "training": {"mode": "lora", "rank": 32, "alpha": 32.0, "text_encoder": True, "parameters": 18_874_368,
+                             "megabytes": 75.5, "base_model": {"model": "runwayml/stable-diffusion-v1-5",
+                                                               "sha256": "0123456789abcdef" * 4}},
                 "join_command": f"sdswarm join 127.0.0.1:{self.join_port}",
                 "announced": ["/ip4/127.0.0.1/tcp/31337/p2p/QmMotherPeerIdentity000000000000000000000001"],
             }

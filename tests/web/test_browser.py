@@ -79,6 +79,7 @@ def test_the_page_in_chromium(node_url, tmp_path):
             if join:  # a relay: the dashboard shows the command a friend copies
                 expect(page.locator("#join-command-dash")).to_have_text(join)
             assert page.locator("#peers img").count() == 0  # a peer's strings are text, never markup
+            expect(page.locator("#stat-mode")).to_have_text("LoRA rank 32 · 18.9M params · 75.5 MB")
 
             # --- save a checkpoint: the token is asked for once, a wrong one refused ---
             rows = page.locator("#checkpoints tbody tr:not(.empty)")
