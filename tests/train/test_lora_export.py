@@ -119,3 +119,8 @@ def test_full_only_and_lora_only_options_are_refused(trained, tmp_path, capsys):
     folder, checkpoint, _ = trained
     assert main(["export", str(checkpoint), str(tmp_path / "x.safetensors"), "--half"]) == 2
     assert "--half applies to --merge only" in capsys.readouterr().err
+
+
+def test_lora_options_on_a_full_checkpoint_are_refused(tmp_path, capsys):
+    assert main(["export", str(tmp_path), str(tmp_path / "x.safetensors"), "--merge"]) == 2
+    assert "full fine-tune's checkpoint: --merge and --format are for LoRA checkpoints" in capsys.readouterr().err
