@@ -116,7 +116,7 @@ def build_sd15_folder(folder: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
-    from sdswarm.model.loading import TOKENIZER_ASSETS, tiny_tokenizer
+    from sdswarm.model.tiny import TOKENIZER_ASSETS, tiny_tokenizer
 
     torch.manual_seed(0)
     unet, text = sd15_parts("cpu")

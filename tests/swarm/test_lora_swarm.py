@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.config import LoraConfig
-from sdswarm.model.loading import TINY_MODEL_DIRNAME, TINY_MODEL_ID, build_tiny_model, load_components
+from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.model.lora import ADAPTER_FILE, adapter_state, add_adapters
+from sdswarm.model.tiny import TINY_MODEL_DIRNAME, build_tiny_model
 from tests.swarm.peers import Peer
 from tests.swarm.test_swarm import l2, peers  # noqa: F401  (the fixture)
 

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from sdswarm.cli import main
 from sdswarm.config import load_config
-from sdswarm.model.loading import TINY_MODEL_DIRNAME, TINY_MODEL_ID, default_cache_dir, load_components
+from sdswarm.model.loading import TINY_MODEL_ID, default_cache_dir, load_components
 from sdswarm.model.lora import add_adapters, base_identity
+from sdswarm.model.tiny import TINY_MODEL_DIRNAME
 from sdswarm.train.checkpoint import Checkpoints, as_pipeline
 from sdswarm.train.export import original_state_dict
 from tests.conftest import ROOT, tiny_overrides
@@ -40,8 +41,8 @@ def trained(tmp_path_factory):
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     state = {"progress": {"step": 7}, "ema": {"shadow": [p.detach() + 0.01 for p in params], "num_updates": 3,
                                                 "decay": 0.9, "warmup": True}}
-    checkpoint = Checkpoints(folder / "checkpoints", keep=2).save(7, components, state, config.to_yaml(),
-                                                                 lora_base=base)
+    checkpoint = Checkpoints(folder / "checkpoints", keep=2, config_yaml=config.to_yaml()).save(
+        7, components, state, lora_base=base)
     return folder, checkpoint, components
 
 

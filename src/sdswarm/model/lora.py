@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -28,6 +28,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
+from sdswarm.atomic import atomic_path, write_atomic
 from sdswarm.config import LoraConfig
 from sdswarm.model.loading import SDComponents
 
@@ -145,7 +146,7 @@ def save_adapters(components: SDComponents, folder: Path, base: BaseIdentity, *,
         text_encoder_lora_adapter_metadata=components.text_encoder.peft_config["default"].to_dict() if text else None,
     )
     if with_base:
-        (folder / BASE_FILE).write_text(json.dumps(base.to_json(), indent=1) + "\n", encoding="utf-8")
+        write_atomic(folder / BASE_FILE, (json.dumps(base.to_json(), indent=1) + "\n").encode("utf-8"))
     return folder / weight_name
 
 
@@ -153,9 +154,10 @@ def write_adapter_file(components: SDComponents, out_path: Path, base: BaseIdent
     """The adapters as one diffusers LoRA file at `out_path`, written beside it and renamed into place."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
-        written = save_adapters(components, Path(tmp), base, weight_name=out_path.name, with_base=False)
-        shutil.move(written, out_path)
+    with (tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as folder,
+          atomic_path(out_path, durable=True) as tmp):
+        written = save_adapters(components, Path(folder), base, weight_name=out_path.name, with_base=False)
+        os.rename(written, tmp)  # save_lora_weights writes into a folder: its one file becomes ours
     return out_path
 
 

@@ -11,15 +11,14 @@ after checking that the base is still the one they were trained on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 
+from sdswarm.atomic import atomic_path
 from sdswarm.config import LoraConfig
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, load_components
@@ -86,14 +85,8 @@ def export_lora(components: SDComponents, base: BaseIdentity, out_path: str | Pa
     metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_alpha": f"{alpha:g}",
                 "ss_network_dim": str(_rank(tensors)), "ss_base_model_version": "sd_v1",
                 "sdswarm.base_model": base.model, "sdswarm.base_sha256": base.sha256, **(metadata or {})}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out_path, durable=True) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return out_path
 
 
