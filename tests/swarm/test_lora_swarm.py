@@ -21,7 +21,7 @@ pytestmark = pytest.mark.swarm
 
 RANK = 4
 LORA = {"train.lora": f"{{rank: {RANK}}}"}
-EPOCHS = 10
+EPOCHS = 16
 
 
 def adapters(peer: Peer) -> dict[str, torch.Tensor]:
@@ -46,9 +46,10 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
                         r"builtin:tiny \(weights sha256 (\w{16})\)", impostor.log())
     assert refused and refused[1] != refused[2], impostor.log()[-3000:]
 
-    mother.wait_until(lambda: mother.epoch() >= 2, "epoch 2", timeout=400)
+    mother.wait_until(lambda: mother.epoch() >= 1, "epoch 1", timeout=400)
     late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point
     late.wait_until(lambda: "caught up: now at epoch" in late.log(), "downloading the state", timeout=300)
+    late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "a round with all three", timeout=400)
     everyone = [mother, first, late]
     for peer in everyone:
         assert peer.wait_exit(timeout=600) == 0, peer.log()[-4000:]
@@ -61,7 +62,6 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
     downloaded = float(re.search(r"downloaded the swarm's state: ([\d.]+) MB", late.log())[1]) * 1e6
     assert 12 * trained <= downloaded <= 12 * trained + 4096, (trained, downloaded)  # + AdamW's step counters
     assert downloaded < 0.1 * 12 * full
-    assert any("Averaged gradients with 3 peers" in peer.log() for peer in everyone), "no round with all three"
     for peer in everyone:
         assert f"the swarm reached epoch {EPOCHS} (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
         assert all(math.isfinite(m["loss"]) for m in peer.metrics())
