@@ -166,7 +166,12 @@ def run_memory(folder: Path, steps: int, timeout: float) -> None:
     build_started = time.perf_counter()
     build_sd15_folder(folder)
     print(f"SD 1.5 folder ready in {time.perf_counter() - build_started:.0f} s: {folder}", flush=True)
+    from sdswarm.swarm.settings import NodeSettings, save_settings
+
     with tempfile.TemporaryDirectory(prefix="sdswarm-lora-mem-") as out:
+        # loopback, ports the system picks: other nodes on this machine may hold the default ones
+        save_settings(NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=0, dht_port_internal=0),
+                      Path(out))
         sets = {"model": str(folder), "resolution": 256, "train.batch_size": 1, "train.max_steps": steps,
                 "swarm.target_batch_size": 2, "swarm.run_id": f"lora-mem-{os.getpid()}", "swarm.matchmaking_time": 2,
                 "data.loader_workers": 0, "output.sample_steps": 1, "output.sample_prompts": '["1girl, solo"]',
@@ -202,7 +207,7 @@ def run_memory(folder: Path, steps: int, timeout: float) -> None:
         print("\nthe how-to's config in LoRA mode (configs/sd_1-5-lora.yaml), SD 1.5 architecture, random weights, "
               "256 px, batch 1, CPU")
         for line in text.splitlines():
-            if "training: " in line or "hashed in" in line:
+            if "training: LoRA" in line or "training: full" in line or "hashed in" in line:
                 print("  " + line.split(": ", 1)[-1])
         print(f"  {len(metrics)} steps, {swarm_steps} swarm step(s), checkpoint {checkpoints[-1].name}: {mb(size)}")
         print(f"  peak memory: the node {peak_hwm / 1e9:.2f} GB resident (VmHWM); its process tree "
