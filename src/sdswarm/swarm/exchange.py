@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from sdswarm import __version__
 from sdswarm.config import Config, ConfigError, parse_config, set_dotted
-from sdswarm.model.lora import BaseIdentity
+
+if TYPE_CHECKING:  # model.lora imports torch, peft and diffusers: `sdswarm status` should not wait for them
+    from sdswarm.model.lora import BaseIdentity
 
 PROTOCOL = 1  # bump when the answers change shape; joiners refuse a relay that speaks another
 CONFIG_PATH = "/api/v1/config"
@@ -124,6 +126,8 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
         raise ExchangeError(f"relay {url} sent no usable DHT addresses in {PEERS_PATH}: {peers!r}")
     base_model = None
     if parsed.train.lora is not None:
+        from sdswarm.model.lora import BaseIdentity
+
         try:
             base_model = BaseIdentity.from_json(config_data.get("base_model"), f"relay {url}'s base_model")
         except ValueError as exc:
