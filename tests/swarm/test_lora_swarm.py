@@ -21,7 +21,7 @@ pytestmark = pytest.mark.swarm
 
 RANK = 4
 LORA = {"train.lora": f"{{rank: {RANK}}}"}
-EPOCHS = 16
+SWARM_STEPS = 16
 
 
 def adapters(peer: Peer) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ def adapters(peer: Peer) -> dict[str, torch.Tensor]:
 def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_them_and_another_base_is_refused(
         peers, tmp_path):  # noqa: F811
     mother = peers("mother", max_steps=1000, **LORA, **{"lr": 1e-2, "swarm.min_peers": 2,
-                                                         "train.max_epochs": EPOCHS,
+                                                         "train.max_swarm_steps": SWARM_STEPS,
                                                          "swarm.target_batch_size": 64}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     first = peers("first", join=mother.address, max_steps=1000).start()
@@ -46,9 +46,9 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
                         r"builtin:tiny \(weights sha256 (\w{16})\)", impostor.log())
     assert refused and refused[1] != refused[2], impostor.log()[-3000:]
 
-    mother.wait_until(lambda: mother.epoch() >= 1, "epoch 1", timeout=400)
+    mother.wait_until(lambda: mother.epoch() >= 1, "swarm step 1", timeout=400)
     late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point
-    late.wait_until(lambda: "caught up: now at epoch" in late.log(), "downloading the state", timeout=300)
+    late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state", timeout=300)
     late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "a round with all three", timeout=400)
     everyone = [mother, first, late]
     for peer in everyone:
@@ -63,7 +63,8 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
     assert 12 * trained <= downloaded <= 12 * trained + 4096, (trained, downloaded)  # + AdamW's step counters
     assert downloaded < 0.1 * 12 * full
     for peer in everyone:
-        assert f"the swarm reached epoch {EPOCHS} (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
+        assert f"the swarm reached swarm step {SWARM_STEPS} (train.max_swarm_steps)" in peer.log(), (
+            f"{peer.name} stopped elsewhere")
         assert all(math.isfinite(m["loss"]) for m in peer.metrics())
 
     # one set of adapters: the peers differ far less than training moved them (the full fine-tune's bound)
