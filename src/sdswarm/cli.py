@@ -122,10 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from sdswarm.model.lora import BaseModelMismatch
     from sdswarm.node import run_mother  # heavy imports only once the config is known to be good
 
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
-    run_mother(config, resume=args.resume)
+    try:
+        run_mother(config, resume=args.resume)
+    except BaseModelMismatch as exc:  # --resume of LoRA adapters on another base
+        log.error("%s", exc)
+        return 2
     return 0
 
 
@@ -146,9 +151,15 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("joining run %r through %s (%d DHT addresses)", info.config.swarm.run_id, info.base_url, len(info.peers))
+    from sdswarm.model.lora import BaseModelMismatch
+
     transformers.logging.set_verbosity_error()
-    run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
-             demo_mirror=info.base_url + DATA_PATH, swarm_base=info.base_model)
+    try:
+        run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
+                 demo_mirror=info.base_url + DATA_PATH, swarm_base=info.base_model)
+    except BaseModelMismatch as exc:  # a LoRA swarm on another base: refused, with both named
+        log.error("%s", exc)
+        return 2
     return 0
 
 
