@@ -514,7 +514,8 @@ def report(results: list[Result], param_count: int, parts: dict[str, int], args:
     parts_text = ", ".join(f"{k} {v:,}" for k, v in parts.items())
     out = ["command: " + " ".join(sys.argv),
            f"compression round trip in this environment: {checks}",
-           f"model builtin:tiny: {param_count:,} trainable parameters ({parts_text}) = {mb(fp32)} in fp32",
+           f"model builtin:tiny{' (LoRA adapters)' if 'train.lora=' in ' '.join(args.mother_sets) else ''}: "
+           f"{param_count:,} trainable parameters ({parts_text}) = {mb(fp32)} in fp32",
            f"swarm: 2 peers, target batch {args.target_batch_size}, batch {args.batch_size}, matchmaking "
            f"{args.matchmaking_time:g} s, averaging timeout {args.averaging_timeout:g} s (x2 under --cap, x4 under "
            "--low-cap); window: the first run of whole epochs, once both peers averaged twice since the last "
@@ -620,8 +621,9 @@ def parse_rate(rate: str) -> float:
 # --- main ----------------------------------------------------------------------------------------------------
 
 
-def prepare_cache(cache: str) -> tuple[int, dict[str, int]]:
-    """Build the tiny model and demo data into the cache once (never inside a timed phase); count parameters."""
+def prepare_cache(cache: str, mother_sets: list[str]) -> tuple[int, dict[str, int]]:
+    """Build the tiny model and demo data into the cache once (never inside a timed phase); count the trainable
+    parameters: the model's, or with --set train.lora=... its adapters' (what hivemind averages in LoRA mode)."""
     os.environ["SDSWARM_CACHE"] = cache
     import yaml
 
@@ -631,9 +633,16 @@ def prepare_cache(cache: str) -> tuple[int, dict[str, int]]:
 
     tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     components = load_components(tiny["model"])
-    parts = {"unet": sum(p.numel() for p in components.unet.parameters())}
+    lora = dict(pair.split("=", 1) for pair in mother_sets).get("train.lora")
+    if lora is not None:
+        from sdswarm.config import LoraConfig
+        from sdswarm.model.lora import add_adapters
+
+        add_adapters(components, LoraConfig(**yaml.safe_load(lora)), text_encoder=tiny["train_text_encoder"], seed=0)
+        components.vae.requires_grad_(False)
+    parts = {"unet": sum(p.numel() for p in components.unet.parameters() if p.requires_grad)}
     if tiny.get("train_text_encoder"):
-        parts["text encoder"] = sum(p.numel() for p in components.text_encoder.parameters())
+        parts["text encoder"] = sum(p.numel() for p in components.text_encoder.parameters() if p.requires_grad)
     try:
         make_demo_index(demo_dir())
     except Exception as exc:  # the first peer builds it then; only the first scenario's solo phase pays
@@ -696,7 +705,7 @@ def main() -> int:
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sdswarm-traffic-"))
     try:
         print(f"preparing the tiny model and demo data in {args.cache} ...", flush=True)
-        param_count, parts = prepare_cache(args.cache)
+        param_count, parts = prepare_cache(args.cache, args.mother_sets)
         results = []
         for i, scenario in enumerate(scenarios):
             print(f"[{time.time() - began:5.0f} s] scenario {scenario.name} ...", flush=True)

@@ -74,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("changes", nargs="*", metavar="KEY=VALUE")
     settings.add_argument("--output", default="output", help="the node's folder (default: %(default)s)")
 
-    export = commands.add_parser("export", help="write a checkpoint as one .safetensors file (A1111, ComfyUI)")
+    export = commands.add_parser(
+        "export", help="write a checkpoint as one .safetensors file (A1111, ComfyUI)",
+        description="A full fine-tune's checkpoint: the whole model in the original SD layout. A LoRA checkpoint: the "
+                    "adapters (--format kohya for A1111/ComfyUI, diffusers for load_lora_weights), or with --merge the "
+                    "base with the adapters merged in, as one model file.")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. output/checkpoints/step_00001000")
     export.add_argument("out", help="the .safetensors file to write")
     export.add_argument("--ema", action="store_true", help="the EMA weights (the run had use_ema: True)")
     export.add_argument("--half", action="store_true", help="store fp16: half the size")
+    export.add_argument("--format", choices=("kohya", "diffusers"),
+                        help="LoRA checkpoints: kohya's layout (A1111, ComfyUI; the default) or diffusers'")
+    export.add_argument("--merge", action="store_true", help="LoRA checkpoints: the base with the adapters merged in")
 
     index = commands.add_parser("index", help="dataset index tools")
     index_build = index.add_subparsers(dest="index_command", required=True).add_parser(
@@ -102,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "index":
             return build_index(args.from_folder, args.from_dump, args.out)
         if args.command == "export":
-            return export(args.checkpoint, args.out, ema=args.ema, half=args.half)
+            return export(args.checkpoint, args.out, ema=args.ema, half=args.half, fmt=args.format, merge=args.merge)
         overrides = parse_pairs(args.overrides, "--set")
         if args.max_steps is not None:
             overrides["train.max_steps"] = args.max_steps
@@ -121,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
     try:
         run_mother(config, resume=args.resume)
-    except ConfigError as exc:  # the model or the index, checked before anything starts
+    except ConfigError as exc:  # the model, the index or a LoRA base, checked before training starts
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -148,20 +155,34 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
     transformers.logging.set_verbosity_error()
     try:
         run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
-                 relay=info.base_url)
-    except ConfigError as exc:  # the model or the index, checked before anything starts
+                 relay=info.base_url, swarm_base=info.base_model)
+    except ConfigError as exc:  # the model, the index or a LoRA base, checked before training starts
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def export(checkpoint: str, out: str, *, ema: bool, half: bool) -> int:
+def export(checkpoint: str, out: str, *, ema: bool, half: bool, fmt: str | None = None, merge: bool = False) -> int:
+    from sdswarm.train.checkpoint import CONFIG_FILE
     from sdswarm.train.export import export_single_file
+    from sdswarm.train.lora_export import export_lora_checkpoint, is_lora_checkpoint
 
     transformers.logging.set_verbosity_error()
     try:
-        print(f"wrote {export_single_file(checkpoint, out, use_ema=ema, half=half)}")
-    except (FileNotFoundError, ValueError) as exc:
+        if not is_lora_checkpoint(checkpoint):
+            if merge or fmt:
+                raise ValueError(f"{checkpoint} is a full fine-tune's checkpoint: --merge and --format are for LoRA "
+                                 "checkpoints; leave them out")
+            path = export_single_file(checkpoint, out, use_ema=ema, half=half)
+        else:
+            if half and not merge:
+                raise ValueError("--half applies to --merge only: adapters are exported as trained (fp32, megabytes)")
+            config = load_config(Path(checkpoint) / CONFIG_FILE)  # the model and LoRA settings it was trained with
+            path = export_lora_checkpoint(checkpoint, out, model=config.model, lora=config.train.lora,
+                                          text_encoder=config.train_text_encoder, use_ema=ema, fmt=fmt or "kohya",
+                                          merge=merge, half=half)
+        print(f"wrote {path}")
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError and BaseModelMismatch are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -188,7 +209,7 @@ def build_index(folder: Path | None, dump: Path | None, out: Path) -> int:
 
 
 def show_status(address: str) -> int:
-    from sdswarm.swarm.exchange import ExchangeError, fetch_swarm_view
+    from sdswarm.swarm.exchange import ExchangeError, describe_training, fetch_swarm_view
 
     try:
         view = fetch_swarm_view(address)
@@ -198,6 +219,8 @@ def show_status(address: str) -> int:
     print(f"run {view['run_id']}: swarm step {view['epoch']}, "
           f"{view['samples_toward_target']}/{view['target_batch_size']} "
           f"samples toward the target, {view['samples_per_second']:.1f} samples/s, {len(view['peers'])} peers")
+    if training := view.get("training"):
+        print(f"training: {describe_training(training)}")
     print(f"{'peer':<16} {'role':<7} {'address':<22} {'step':>7} {'swarm step':>10} {'loss':>8} {'samples/s':>10}")
     for peer in view["peers"]:
         loss = "-" if peer["loss"] is None else f"{peer['loss']:.4f}"

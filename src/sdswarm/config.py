@@ -74,6 +74,29 @@ class DataConfig(Section):
     caption_escape_parentheses: bool = Field(False, description="write \\( \\) for emphasis-syntax front ends")
 
 
+# kohya's LoRA targets for SD 1.x: the UNet's transformer blocks (attention, feed-forward, the 1x1 projections in and
+# out) and, when the text encoder is trained, its attention and MLP layers
+LORA_UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+LORA_TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+class LoraConfig(Section):
+    """Train LoRA adapters on a frozen base instead of the whole model: megabytes on the wire, not gigabytes."""
+
+    rank: Annotated[int, Field(ge=1, le=1024)] = 32
+    alpha: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="the adapters' output is scaled by alpha / rank; none: alpha = rank (scale 1)")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_UNET_MODULES), min_length=1,
+                                      description="UNet modules that get adapters (names or name suffixes)")
+    text_encoder: list[str] = Field(default_factory=lambda: list(LORA_TEXT_MODULES), min_length=1,
+                                    description="text encoder modules that get adapters when train_text_encoder")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
 class TrainConfig(Section):
     batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="samples per local step")
     max_steps: PositiveInt | None = Field(None, description="stop after this many local steps; none: run on")
@@ -99,6 +122,8 @@ class TrainConfig(Section):
     )
     optimizer_8bit: bool = Field(False, description="bitsandbytes AdamW8bit (CUDA) instead of torch AdamW")
     cache_latents: bool = Field(False, description="keep each image's VAE posterior: one encode per image per chunk")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters on a frozen base (`lora: {}` for the "
+                                    "defaults: rank 32, kohya's targets); none: a full fine-tune")
 
 
 class OutputConfig(Section):

@@ -70,11 +70,13 @@ class NodeControls:
         log_tail: LogTail,
         stop_training: threading.Event,
         quit: threading.Event,
+        training: dict | None = None,
     ) -> None:
         self.trainer, self.output_dir, self._settings_dir = trainer, trainer.output_dir, settings_dir
         self._run_id, self._swarm_view, self._data_stats = run_id, swarm_view, data_stats
         self.join_address, self._announced, self._log_tail = join_address, announced, log_tail
         self.state = "starting"
+        self.training = training  # the mode (full / LoRA rank r) and the size of what the swarm averages
         self.stop_training = stop_training  # stop(), Ctrl-C, SIGTERM: finish the step, checkpoint
         self.quit = quit  # Ctrl-C, SIGTERM: the node exits once training stopped
         self.resume = threading.Event()  # start() after a stop
@@ -91,6 +93,7 @@ class NodeControls:
             "run_id": self._run_id,
             "progress": self.trainer.progress.snapshot(),
             "swarm": self.swarm(),
+            "training": self.training,
             "data": vars(stats),
             "join_command": f"sdswarm join {self.join_address}" if self.join_address else None,
             "announced": self._announced,

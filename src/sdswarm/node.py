@@ -24,7 +24,7 @@ import hivemind
 import torch
 
 from sdswarm.atomic import write_atomic
-from sdswarm.config import Config, Precision, SwarmConfig
+from sdswarm.config import Config, LoraConfig, Precision, SwarmConfig
 from sdswarm.controls import NodeControls
 from sdswarm.data.aspect import make_aspect_buckets
 from sdswarm.data.bucket import bucket_routes
@@ -36,8 +36,9 @@ from sdswarm.data.shards import choose_slot
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
+from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
-from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
+from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, describe_training, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
 from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights, make_optimizer
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
@@ -73,27 +74,41 @@ def pick_device(choice: str) -> torch.device:
 
 
 def prepare_model(components: SDComponents, *, device: torch.device, train_text_encoder: bool,
-                  precision: Precision = "no", gradient_checkpointing: bool = False, attention: str = "default"):
-    """Move the parts to the device; return the trainable parameters (the only ones hivemind may see)."""
+                  precision: Precision = "no", gradient_checkpointing: bool = False, attention: str = "default",
+                  lora: LoraConfig | None = None, seed: int = 0):
+    """Move the parts to the device; return the trainable parameters (the only ones hivemind may see).
+
+    `lora`: freeze the UNet and text encoder and train adapters on them instead (initialised from `seed`, the same
+    on every peer); on CUDA the frozen base is in half precision, the adapters in fp32."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError("train.mixed_precision: bf16, but this GPU has no bf16 support (Ampere or newer has); "
                            "use fp16: True instead")
     half_frozen = half_dtype(precision, device)  # frozen parts need no fp32 master weights
     components.vae.requires_grad_(False).eval().to(device)
-    components.unet.requires_grad_(True).to(device)
-    components.text_encoder.requires_grad_(train_text_encoder).to(device)
-    if half_frozen is not None:
-        components.vae.to(half_frozen)
-        if not train_text_encoder:
-            components.text_encoder.to(half_frozen)
+    if lora is not None:
+        trainable = add_adapters(components, lora, text_encoder=train_text_encoder, seed=seed)  # on the CPU: same RNG
+        components.unet.to(device)
+        components.text_encoder.to(device)
+        if half_frozen is not None:
+            for part in (components.vae, components.unet, components.text_encoder):
+                part.to(half_frozen)
+            for param in trainable:  # the same Parameter objects, back to fp32
+                param.data = param.data.float()
+    else:
+        components.unet.requires_grad_(True).to(device)
+        components.text_encoder.requires_grad_(train_text_encoder).to(device)
+        if half_frozen is not None:
+            components.vae.to(half_frozen)
+            if not train_text_encoder:
+                components.text_encoder.to(half_frozen)
+        trainable = list(components.unet.parameters())
+        if train_text_encoder:
+            trainable += list(components.text_encoder.parameters())
     set_attention((components.unet, components.vae), attention)
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             components.text_encoder.activation_checkpointing_enable()  # transformers 5's name for it
-    trainable = list(components.unet.parameters())
-    if train_text_encoder:
-        trainable += list(components.text_encoder.parameters())
     # fp32 master weights: what autocast expects, and hivemind's fp16 compression refuses bf16 tensors
     if any(p.dtype != torch.float32 for p in trainable):
         raise RuntimeError(f"trainable parameters must be float32, found {sorted({str(p.dtype) for p in trainable})}")
@@ -177,8 +192,10 @@ def run_node(
     initial_peers: Sequence[str] = (),
     resume: bool = False,
     relay: str | None = None,
+    swarm_base: BaseIdentity | None = None,
 ) -> RunSummary:
-    """Train as the mother or as a joiner (`relay`: the base URL of the relay it joined through)."""
+    """Train as the mother or as a joiner (`relay`: the base URL of the relay it joined through; `swarm_base`: the
+    base model of the LoRA swarm being joined, which this peer's must match)."""
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     checkpoints, resume_from = open_output(config, resume)
@@ -205,15 +222,16 @@ def run_node(
                               peer_id), relay=relay, index=index, start_slot=resumed_slot)
         cleanup.callback(stream.close)
         trainer = build_trainer(config, dht, stream, checkpoints, resume_from, state, seed=seed, device=device,
-                                cleanup=cleanup)
+                                cleanup=cleanup, swarm_base=swarm_base)
         del state
         controls = NodeControls(
             trainer=trainer, settings_dir=config.output.dir, run_id=config.swarm.run_id,
             swarm_view=partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size),
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
+            training=training_mode(config, trainer.trainable, trainer.lora_base),
         )
-        address = start_http(config, settings, dht, controls, cleanup, index)
+        address = start_http(config, settings, dht, controls, cleanup, index, lora_base=trainer.lora_base)
         publish_metrics(dht, config.swarm.run_id, trainer, stream, peer_id=peer_id, address=address,
                         role="mother" if role == "mother" else settings.mode, cleanup=cleanup)
 
@@ -246,13 +264,20 @@ def open_output(config: Config, resume: bool) -> tuple[Checkpoints, Path | None]
 
 def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkpoints: Checkpoints,
                   resume_from: Path | None, state: dict | None, *, seed: int, device: torch.device,
-                  cleanup: contextlib.ExitStack) -> Trainer:
+                  cleanup: contextlib.ExitStack, swarm_base: BaseIdentity | None = None) -> Trainer:
     """The model on its device, hivemind's optimizer over its trainable parameters, and the trainer (resumed
-    from `resume_from` and its training `state` when given)."""
-    components = load_components(str(resume_from) if resume_from else config.model)
+    from `resume_from` and its training `state` when given). LoRA: adapters on the base, which must be
+    `swarm_base` when given."""
+    lora = config.train.lora
+    # a LoRA checkpoint holds the adapters only: the base always comes from `model`
+    components = load_components(str(resume_from) if resume_from and lora is None else config.model)
+    lora_base = check_lora_base(config.model, components, swarm_base, resume_from) if lora else None
     trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
                               precision=config.precision, gradient_checkpointing=config.train.gradient_checkpointing,
-                              attention=config.train.attention)
+                              attention=config.train.attention, lora=lora, seed=config.seed)
+    if lora is not None and resume_from is not None:
+        load_adapters(components, resume_from)  # before the optimizer copies them
+    log.info("training: %s", describe_training(training_mode(config, trainable, lora_base)))
     optimizer = make_optimizer(
         dht=dht, params=trainable, swarm=config.swarm, batch_size_per_step=config.train.batch_size,
         lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
@@ -267,7 +292,7 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
         ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
         latent_cache=latent_cache(config), stream=stream, optimizer=optimizer, checkpoints=checkpoints,
         device=device, train=config.train, output=config.output, precision=config.precision, ucg=config.ucg,
-        resolution=config.resolution, seed=seed,
+        resolution=config.resolution, seed=seed, lora_base=lora_base,
     )
     if resume_from is not None and state is not None:
         trainer.load_state_dict(state)
@@ -342,6 +367,30 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
             return
 
 
+def check_lora_base(model: str, components: SDComponents, swarm_base: BaseIdentity | None,
+                    resume_from: Path | None) -> BaseIdentity:
+    """Name this peer's base model (hash its weights) and refuse adapters trained on another: the swarm's, or the
+    checkpoint's this run resumes from."""
+    started = time.perf_counter()
+    ours = base_identity(model, components)
+    log.info("base model %s (hashed in %.1f s)", ours.describe(), time.perf_counter() - started)
+    if swarm_base is not None:
+        check_base(ours, swarm_base, "the swarm")
+    if resume_from is not None:
+        check_base(ours, read_base(resume_from), f"checkpoint {resume_from}")
+    return ours
+
+
+def training_mode(config: Config, trainable: Sequence[torch.nn.Parameter], lora_base: BaseIdentity | None) -> dict:
+    """What this node trains, for the log, the UI and `sdswarm status`."""
+    parameters, size = size_of(trainable)
+    lora = config.train.lora
+    return {"mode": "lora" if lora else "full", "rank": lora.rank if lora else None,
+            "alpha": lora.scale_alpha if lora else None, "text_encoder": config.train_text_encoder,
+            "parameters": parameters, "megabytes": round(size / 1e6, 2),
+            "base_model": lora_base.to_json() if lora_base else None}
+
+
 def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
@@ -349,7 +398,8 @@ def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig,
         log.info("the swarm is at swarm step %d, this peer at %d: downloading the current state from peers",
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
-        log.info("caught up: now at swarm step %d", optimizer.local_epoch)
+        log.info("caught up: now at swarm step %d (downloaded the swarm's state: %.3f MB)", optimizer.local_epoch,
+                 optimizer.download_bytes / 1e6)
         return True
     if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
@@ -357,7 +407,7 @@ def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig,
 
 
 def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
-               cleanup: contextlib.ExitStack, index: SharedIndex) -> str | None:
+               cleanup: contextlib.ExitStack, index: SharedIndex, lora_base: BaseIdentity | None = None) -> str | None:
     """Serve the web UI, and on a relay the I.E endpoints beside it; return the address a friend joins with.
 
     A relay listens where its settings say; a client serves only its own UI, on loopback.
@@ -371,9 +421,9 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
     app = create_app(controls, admin_token=token, private_paths=private)
     routes = [] if settings.client_mode else exchange_routes(
-        config_answer=partial(config_answer, config, index.sha256),
+        config_answer=partial(config_answer, config, index.sha256, lora_base),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
-        swarm_answer=lambda: {"protocol": PROTOCOL, **controls.swarm()},
+        swarm_answer=lambda: {"protocol": PROTOCOL, "training": controls.training, **controls.swarm()},
     )
     if routes:  # every relay serves the index it trains on: its joiners need no local copy
         routes += index_routes(index.file, index.sha256)

@@ -37,8 +37,9 @@ def free_port() -> int:
 
 
 class Peer:
-    def __init__(self, name: str, folder: Path, *, join: str | None = None, max_steps: int = 40, **sets) -> None:
-        self.name, self.out, self.join = name, folder / name, join
+    def __init__(self, name: str, folder: Path, *, join: str | None = None, max_steps: int = 40,
+                 env: dict[str, str] | None = None, **sets) -> None:
+        self.name, self.out, self.join, self.env = name, folder / name, join, env or {}
         self.port = free_port()
         save_settings(NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=self.port,
                                    dht_port_internal=0), self.out)
@@ -55,7 +56,7 @@ class Peer:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Peer:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

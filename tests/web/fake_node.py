@@ -137,6 +137,9 @@ class FakeNode:
                          "waited_s": 3.25, "rejected_posts": 16, "skipped_rejected": 40,
                          "last_rejected": ["5012: md5 mismatch", "4977: json unreadable (not JSON)"],
                          "workdir": str(self.output_dir / "workdir"), "note": self.leak},
+                "training": {"mode": "lora", "rank": 32, "alpha": 32.0, "text_encoder": True, "parameters": 18_874_368,
+                             "megabytes": 75.5, "base_model": {"model": "runwayml/stable-diffusion-v1-5",
+                                                               "sha256": "0123456789abcdef" * 4}},
                 "join_command": f"sdswarm join 127.0.0.1:{self.join_port}",
                 "announced": ["/ip4/127.0.0.1/tcp/31337/p2p/QmMotherPeerIdentity000000000000000000000001"],
             }

@@ -81,6 +81,7 @@ def test_the_page_in_chromium(node_url, tmp_path):
             assert page.locator("#peers img").count() == 0  # a peer's strings are text, never markup
             # the data panel names the newest rejected posts, by post id
             expect(page.locator("#data")).to_contain_text("· 5012: md5 mismatch")
+            expect(page.locator("#stat-mode")).to_have_text("LoRA rank 32 · 18.9M params · 75.5 MB")
 
             # --- save a checkpoint: the token is asked for once, a wrong one refused ---
             rows = page.locator("#checkpoints tbody tr:not(.empty)")

@@ -11,7 +11,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -19,7 +19,11 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sdswarm import __version__
 from sdswarm.config import Config, ConfigError, parse_config, set_dotted
 
-# bump when the answers change shape; joiners refuse a relay that speaks another (2: the index named by its hash)
+if TYPE_CHECKING:  # model.lora imports torch, peft and diffusers: `sdswarm status` should not wait for them
+    from sdswarm.model.lora import BaseIdentity
+
+# bump when the answers change shape; joiners refuse a relay that speaks another
+# (2: the index named by its hash; LoRA swarms name their base model)
 PROTOCOL = 2
 CONFIG_PATH = "/api/v1/config"
 PEERS_PATH = "/api/v1/peers"
@@ -66,12 +70,30 @@ def _is_shared_model(model: str) -> bool:
     return True
 
 
-def config_answer(config: Config, index_sha256: str | None = None) -> dict[str, Any]:
-    return {"protocol": PROTOCOL, "version": __version__, "config": public_config(config, index_sha256)}
+def config_answer(config: Config, index_sha256: str | None = None,
+                  lora_base: BaseIdentity | None = None) -> dict[str, Any]:
+    """The swarm's training config, and in LoRA mode the base model its adapters belong to (a joiner with another
+    base refuses to train)."""
+    answer = {"protocol": PROTOCOL, "version": __version__, "config": public_config(config, index_sha256)}
+    if lora_base is not None:
+        answer["base_model"] = lora_base.to_json()
+    return answer
 
 
 def peers_answer(visible_maddrs: list[str]) -> dict[str, Any]:
     return {"protocol": PROTOCOL, "version": __version__, "peers": visible_maddrs}
+
+
+def describe_training(training: dict[str, Any]) -> str:
+    """A node's training mode (node.training_mode) in one line, for its log and `sdswarm status`."""
+    what = "UNet + text encoder" if training["text_encoder"] else "UNet"
+    size = f"{training['parameters']:,} parameters, {training['megabytes']:g} MB in fp32"
+    if training["mode"] != "lora":
+        return f"full fine-tune of the {what}: {size}"
+    base = training.get("base_model") or {}
+    return (f"LoRA rank {training['rank']} (alpha {training['alpha']:g}) on the {what}: hivemind averages the adapters "
+            f"only, {size}; the base model {base.get('model')} (weights sha256 {str(base.get('sha256'))[:16]}) stays "
+            "frozen")
 
 
 @dataclass
@@ -79,6 +101,7 @@ class JoinInfo:
     base_url: str
     config: Config
     peers: list[str]
+    base_model: BaseIdentity | None = None  # LoRA swarms: the base the adapters belong to
 
 
 class ExchangeError(RuntimeError):
@@ -135,7 +158,15 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
     peers = peers_data.get("peers")
     if not isinstance(peers, list) or not peers or not all(isinstance(p, str) and p.startswith("/") for p in peers):
         raise ExchangeError(f"relay {url} sent no usable DHT addresses in {PEERS_PATH}: {peers!r}")
-    return JoinInfo(base_url=url, config=parsed, peers=peers)
+    base_model = None
+    if parsed.train.lora is not None:
+        from sdswarm.model.lora import BaseIdentity
+
+        try:
+            base_model = BaseIdentity.from_json(config_data.get("base_model"), f"relay {url}'s base_model")
+        except ValueError as exc:
+            raise ExchangeError(f"{exc}: a LoRA swarm's relay names its base model") from None
+    return JoinInfo(base_url=url, config=parsed, peers=peers, base_model=base_model)
 
 
 def fetch_swarm_view(address: str, timeout: float = 15.0) -> dict[str, Any]:

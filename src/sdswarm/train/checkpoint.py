@@ -4,6 +4,8 @@ Layout of one checkpoint (`OUTPUT/checkpoints/step_00001000/`):
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   StableDiffusionPipeline.from_pretrained
     training_state.pt   optimizer, scaler, EMA, counters, RNG (torch.save, loads with weights_only=True)
     config.yaml         the config the run was trained with
+In LoRA mode (train.lora) the pipeline is replaced by the adapters and the base model's identity (model/lora.py):
+    pytorch_lora_weights.safetensors, base_model.json   StableDiffusionPipeline.load_lora_weights loads the first
 A checkpoint is built in a hidden temp folder and renamed into place (sdswarm.atomic), so a crash leaves
 either the whole checkpoint or none; temp folders left by a killed process are removed on the next start.
 """
@@ -21,6 +23,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdswarm.atomic import TEMP_NAME, atomic_path
 from sdswarm.model.loading import SDComponents
+from sdswarm.model.lora import BaseIdentity, save_adapters
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,17 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, step: int, components: SDComponents, training_state: dict[str, Any]) -> Path:
+    def save(self, step: int, components: SDComponents, training_state: dict[str, Any],
+             lora_base: BaseIdentity | None = None) -> Path:
+        """`lora_base`: a LoRA run's base model; only the adapters are written, with its identity."""
         final = self.root / f"step_{step:08d}"
         # durable: a power cut must not publish empty files; the same step saved twice (periodic, then on
         # stop): the newer one wins
         with atomic_path(final, durable=True) as tmp:
-            as_pipeline(components).save_pretrained(tmp, safe_serialization=True)
+            if lora_base is None:
+                as_pipeline(components).save_pretrained(tmp, safe_serialization=True)
+            else:
+                save_adapters(components, tmp, lora_base)
             (tmp / CONFIG_FILE).write_text(self.config_yaml, encoding="utf-8")
             torch.save(training_state, tmp / STATE_FILE)
         self.prune()

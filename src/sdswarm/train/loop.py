@@ -21,6 +21,7 @@ from sdswarm.config import OutputConfig, Precision, TrainConfig
 from sdswarm.data.loader import Batch, BatchStream
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
+from sdswarm.model.lora import BaseIdentity
 from sdswarm.model.text import PromptEncoder, drop_captions
 from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights
 from sdswarm.train.checkpoint import Checkpoints
@@ -81,13 +82,15 @@ class Trainer:
         ucg: float,
         resolution: int,
         seed: int,
+        lora_base: BaseIdentity | None = None,
     ) -> None:
+        """`trainable`: what hivemind steps (LoRA: the adapters only, on the base named by `lora_base`)."""
         self.components, self.encoder, self.trainable = components, encoder, list(trainable)
         self.ema, self.latent_cache = ema, latent_cache
         self.stream, self.optimizer, self.checkpoints, self.device = stream, optimizer, checkpoints, device
         self.train, self.output, self.precision, self.ucg, self.resolution, self.seed = (
             train, output, precision, ucg, resolution, seed)
-        self.output_dir = Path(output.dir)
+        self.output_dir, self.lora_base = Path(output.dir), lora_base
         # prepare_model decided it: the text encoder trains when its parameters require grad
         self.train_text_encoder = any(p.requires_grad for p in components.text_encoder.parameters())
         self.noise_generator = torch.Generator(device).manual_seed(seed)
@@ -196,7 +199,8 @@ class Trainer:
         if self.progress.step == self._last_saved_step:
             return None
         with global_weights(self.optimizer):  # DiLoCo: the swarm's weights, not this peer's local phase
-            path = self.checkpoints.save(self.progress.step, self.components, self.state_dict())
+            path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(),
+                                         lora_base=self.lora_base)
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path

@@ -170,6 +170,13 @@ function notice(text, kind) {
 
 // ---- dashboard -------------------------------------------------------------------------------------------------
 
+// "LoRA rank 32 · 18.9M params · 75.6 MB" or "full · 983.1M params · 3932.3 MB": what each averaging round carries
+function trainingMode(training) {
+  if (!training) return "–";
+  const what = training.mode === "lora" ? `LoRA rank ${training.rank}` : "full fine-tune";
+  return `${what} · ${fmt(training.parameters / 1e6, 1)}M params · ${fmt(training.megabytes, 1)} MB`;
+}
+
 function renderStatus(status) {
   state.status = status;
   const p = status.progress || {};
@@ -186,6 +193,7 @@ function renderStatus(status) {
   $("stat-swarm-step").textContent = `${fmt(p.local_epoch)} / ${fmt(swarm.epoch ?? p.swarm_epoch)}`;
   const peers = Array.isArray(swarm.peers) ? swarm.peers : [];
   $("stat-peers").textContent = fmt(peers.length);
+  $("stat-mode").textContent = trainingMode(status.training);
 
   const target = swarm.target_batch_size || p.target_batch_size || 0;
   const toward = swarm.samples_toward_target ?? p.swarm_samples ?? 0;

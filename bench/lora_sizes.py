@@ -1,0 +1,237 @@
+"""What a LoRA swarm of Stable Diffusion 1.5 sends, downloads and stores, against a full fine-tune (not a test).
+
+    .venv/bin/python bench/lora_sizes.py                       # sizes: SD 1.5 on the meta device, seconds
+    .venv/bin/python bench/lora_sizes.py --wire-ratio 1.52     # with the ratio swarm_traffic.py measured
+    .venv/bin/python bench/lora_sizes.py --memory FOLDER       # + the how-to's config in LoRA mode at real size
+
+Sizes: SD 1.5's real UNet2DConditionModel and CLIPTextModel (its configs, built on the meta device: no memory, no
+download) with sdswarm's adapters (configs/sd_1-5-lora.yaml: kohya's targets, UNet + text encoder) for rank 8, 32
+and 128, against the full model. Per trainable parameter:
+  - each swarm step a peer sends `--wire-ratio` x its fp32 size: what bench/swarm_traffic.py measures on the veth
+    between two real peers (fp16 compression, average_state_every 1: gradients + parameters, about 1.5x; run it with
+    --set "train.lora={rank: 4}" for the ratio in LoRA mode);
+  - a late joiner downloads 12 bytes (parameters and AdamW's two moments, uncompressed);
+  - a checkpoint holds the fp32 adapters (4 bytes: the exported file) and AdamW's moments (8), 12 bytes; a full
+    fine-tune's holds the whole pipeline (+ the VAE).
+
+--memory: the how-to's config in LoRA mode (configs/sd_1-5-lora.yaml) on a local diffusers folder with SD 1.5's
+architecture and random weights (built into FOLDER once, 4.3 GB), at 256 px on the CPU, batch 1, until its first
+swarm step and a checkpoint; prints the peak memory (the node's own peak resident set, and the peak proportional
+set size of its whole process tree: hivemind's DHT and averagers are forks sharing pages) and the time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RANKS = (8, 32, 128)
+LINKS_MBIT = (20, 100)
+# SD 1.5 (runwayml/stable-diffusion-v1-5): the UNet's and text encoder's configs; the VAE's for --memory
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}  # the rest: diffusers' defaults
+SD15_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "projection_dim": 768}
+SD15_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "sample_size": 512}
+
+
+def sd15_parts(device: str = "meta"):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**SD15_UNET), CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+
+
+def count_sizes() -> dict[str, int]:
+    """Trainable parameters of SD 1.5 (UNet + text encoder) for each rank, and for the full fine-tune."""
+    from sdswarm.config import LoraConfig, load_config
+    from sdswarm.model.loading import SDComponents
+    from sdswarm.model.lora import add_adapters
+
+    lora = load_config(ROOT / "configs" / "sd_1-5-lora.yaml").train.lora
+    unet, text = sd15_parts()
+    sizes = {"full": sum(p.numel() for m in (unet, text) for p in m.parameters())}
+    for rank in RANKS:
+        unet, text = sd15_parts()
+        components = SDComponents(unet=unet, vae=None, text_encoder=text, tokenizer=None, noise_scheduler=None)
+        settings = LoraConfig(**{**lora.model_dump(), "rank": rank, "alpha": None})
+        sizes[f"LoRA rank {rank}"] = sum(p.numel() for p in add_adapters(components, settings, text_encoder=True,
+                                                                         seed=0))
+    return sizes
+
+
+def report_sizes(sizes: dict[str, int], wire_ratio: float) -> str:
+    full = sizes["full"]
+    lines = [f"SD 1.5 UNet + text encoder; per swarm step a peer sends {wire_ratio:g} x the fp32 trainables "
+             "(bench/swarm_traffic.py, fp16); late joiner and checkpoint: 12 bytes per trainable parameter",
+             f"{'':<14} {'trainable':>13} {'vs full':>8} {'per step':>10} {'join':>10} {'adapters':>9} "
+             f"{'checkpoint':>11}   "
+             + "   ".join(f"{'step / join @' + str(m) + ' Mbit/s':>24}" for m in LINKS_MBIT)]
+    for name, count in sizes.items():
+        step, join = wire_ratio * 4 * count, 12 * count
+        checkpoint = 12 * count if name != "full" else 12 * count + 4 * 83_653_863  # + the VAE in the pipeline
+        times = "   ".join(f"{duration(step, m):>11} / {duration(join, m):>10}" for m in LINKS_MBIT)
+        adapters = mb(4 * count) if name != "full" else "-"
+        lines.append(f"{name:<14} {count:>13,} {count / full:>7.2%} {mb(step):>10} {mb(join):>10} {adapters:>9} "
+                     f"{mb(checkpoint):>11}   {times}")
+    r32 = sizes.get("LoRA rank 32")
+    if r32:
+        lines.append(f"\nrank 32: per-step traffic 1/{full / r32:.0f} of the full fine-tune's (goal <= 1/40), state "
+                     f"download {mb(12 * r32)} (goal <= 250 MB), checkpoint {mb(12 * r32)}: the adapters {mb(4 * r32)} "
+                     f"(fp32; the export) + AdamW's moments {mb(8 * r32)} for an exact resume (goal <= 100 MB)")
+    return "\n".join(lines)
+
+
+def mb(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def duration(size: float, mbit: float) -> str:
+    seconds = size * 8 / (mbit * 1e6)
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.1f} s"
+
+
+# --- real-size memory ---------------------------------------------------------------------------------------------
+
+
+def build_sd15_folder(folder: Path) -> Path:
+    """SD 1.5's architecture with random weights as a diffusers folder (the tiny model's tokenizer files: its ids
+    fit SD's vocabulary); built once, atomically."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    from sdswarm.model.tiny import TOKENIZER_ASSETS, tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet, text = sd15_parts("cpu")
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+    pipeline = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=text, tokenizer=tiny_tokenizer(),
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(TOKENIZER_ASSETS / name, tmp / "tokenizer" / name)
+    os.rename(tmp, folder)
+    return folder
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def kb_field(path: Path, name: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_memory(folder: Path, steps: int, timeout: float) -> None:
+    build_started = time.perf_counter()
+    build_sd15_folder(folder)
+    print(f"SD 1.5 folder ready in {time.perf_counter() - build_started:.0f} s: {folder}", flush=True)
+    from sdswarm.swarm.settings import NodeSettings, save_settings
+
+    with tempfile.TemporaryDirectory(prefix="sdswarm-lora-mem-") as out:
+        # loopback, ports the system picks: other nodes on this machine may hold the default ones
+        save_settings(NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=0, dht_port_internal=0),
+                      Path(out))
+        sets = {"model": str(folder), "resolution": 256, "train.batch_size": 1, "train.max_steps": steps,
+                "swarm.target_batch_size": 2, "swarm.run_id": f"lora-mem-{os.getpid()}", "swarm.matchmaking_time": 2,
+                "data.loader_workers": 0, "output.sample_steps": 1, "output.sample_prompts": '["1girl, solo"]',
+                "output.log_every": 1, "output.checkpoint_every": 1000}
+        command = [sys.executable, "-m", "sdswarm", "mother", "configs/sd_1-5-lora.yaml", "--output", out,
+                   *[f"--set={k}={v}" for k, v in sets.items()]]
+        log_path = Path(out) / "node.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        started, peak_hwm, peak_pss = time.perf_counter(), 0, 0
+        try:
+            while process.poll() is None:
+                if time.perf_counter() - started > timeout:
+                    raise TimeoutError(f"the node did not finish in {timeout:.0f} s")
+                peak_hwm = max(peak_hwm, kb_field(Path(f"/proc/{process.pid}/status"), "VmHWM"))
+                peak_pss = max(peak_pss, sum(kb_field(Path(f"/proc/{p}/smaps_rollup"), "Pss")
+                                             for p in tree(process.pid)))
+                time.sleep(0.5)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+        wall = time.perf_counter() - started
+        text = log_path.read_text(errors="replace")
+        if process.returncode != 0:
+            print(text[-4000:])
+            raise SystemExit(f"the node failed with {process.returncode}")
+        metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        times = [b["time"] - a["time"] for a, b in zip(metrics, metrics[1:], strict=False)]
+        checkpoints = sorted((Path(out) / "checkpoints").iterdir())
+        size = sum(f.stat().st_size for f in checkpoints[-1].iterdir())
+        swarm_steps = metrics[-1]["local_epoch"]
+        print("\nthe how-to's config in LoRA mode (configs/sd_1-5-lora.yaml), SD 1.5 architecture, random weights, "
+              "256 px, batch 1, CPU")
+        for line in text.splitlines():
+            if "training: LoRA" in line or "training: full" in line or "hashed in" in line:
+                print("  " + line.split(": ", 1)[-1])
+        print(f"  {len(metrics)} steps, {swarm_steps} swarm step(s), checkpoint {checkpoints[-1].name}: {mb(size)}")
+        print(f"  peak memory: the node {peak_hwm / 1e9:.2f} GB resident (VmHWM); its process tree "
+              f"{peak_pss / 1e9:.2f} GB (peak sum of PSS); goal <= 8 GB")
+        print(f"  time per step: {statistics.median(times):.1f} s median of steps 2..{len(metrics)} "
+              f"({', '.join(f'{t:.1f}' for t in times)}); whole run {wall:.0f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wire-ratio", type=float, default=1.5,
+                        help="bytes a peer sends per swarm step / fp32 bytes of the trainables, as "
+                             "bench/swarm_traffic.py measures it (default: %(default)s)")
+    parser.add_argument("--memory", type=Path, metavar="FOLDER", help="also run the real-size memory check; the SD "
+                        "1.5-shaped model is built into FOLDER once (4.3 GB)")
+    parser.add_argument("--steps", type=int, default=4, help="--memory: local steps (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=3000.0, help="--memory: seconds (default: %(default)s)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    print(report_sizes(count_sizes(), args.wire_ratio), flush=True)
+    if args.memory:
+        run_memory(args.memory.resolve(), args.steps, args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

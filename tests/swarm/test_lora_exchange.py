@@ -1,0 +1,63 @@
+"""A LoRA relay names its base model and its mode; a joiner gets both, `sdswarm status` shows the mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdswarm.cli import main
+from sdswarm.config import load_config
+from sdswarm.model.lora import BaseIdentity
+from sdswarm.swarm.exchange import PROTOCOL, ExchangeError, config_answer, fetch_join_info, peers_answer
+from sdswarm.web.server import HttpServer, exchange_routes
+from tests.conftest import ROOT
+
+PEERS = ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWFakePeer"]
+BASE = BaseIdentity(model="runwayml/stable-diffusion-v1-5", sha256="0123456789abcdef" * 4)
+TRAINING = {"mode": "lora", "rank": 32, "alpha": 32.0, "text_encoder": True, "parameters": 18_874_368,
+            "megabytes": 75.5, "base_model": BASE.to_json()}
+
+
+@pytest.fixture
+def lora_config(tmp_path):
+    return load_config(ROOT / "configs" / "sd_1-5-lora.yaml", {"output.dir": str(tmp_path / "out"),
+                                                               "data.source": "builtin:demo"})
+
+
+def serve(config, base):
+    swarm = {"protocol": PROTOCOL, "training": TRAINING, "run_id": "testrun", "epoch": 3, "samples_toward_target": 5,
+             "target_batch_size": 75000, "samples_per_second": 1.5, "peers": []}
+    server = HttpServer(exchange_routes(lambda: config_answer(config, base), lambda: peers_answer(PEERS),
+                                        lambda: swarm), "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.start()}"
+
+
+def test_the_lora_config_is_the_how_tos_plus_the_lora_section(lora_config):
+    how_to = load_config(ROOT / "configs" / "sd_1-5.yaml", {"output.dir": str(lora_config.output.dir),
+                                                            "data.source": "builtin:demo"})
+    assert lora_config.model_copy(update={"train": how_to.train}) == how_to
+    lora = lora_config.train.lora
+    assert (lora.rank, lora.scale_alpha) == (32, 32.0) and lora_config.train_text_encoder
+    assert {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"} <= set(lora.target_modules)
+    assert set(lora.text_encoder) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
+def test_a_joiner_gets_the_swarms_base_model_and_status_shows_the_mode(lora_config, tmp_path, capsys):
+    server, address = serve(lora_config, BASE)
+    try:
+        info = fetch_join_info(address, {"output.dir": str(tmp_path / "mine")})
+        assert info.base_model == BASE and info.config.train.lora == lora_config.train.lora
+        assert main(["status", address]) == 0
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert "training: LoRA rank 32 (alpha 32) on the UNet + text encoder" in out
+    assert "18,874,368 parameters, 75.5 MB" in out and "runwayml/stable-diffusion-v1-5" in out
+
+
+def test_a_lora_relay_that_names_no_base_model_is_refused(lora_config, tmp_path):
+    server, address = serve(lora_config, None)
+    try:
+        with pytest.raises(ExchangeError, match="names its base model"):
+            fetch_join_info(address, {"output.dir": str(tmp_path / "mine")})
+    finally:
+        server.stop()
