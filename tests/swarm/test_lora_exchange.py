@@ -19,21 +19,19 @@ TRAINING = {"mode": "lora", "rank": 32, "alpha": 32.0, "text_encoder": True, "pa
 
 @pytest.fixture
 def lora_config(tmp_path):
-    return load_config(ROOT / "configs" / "sd_1-5-lora.yaml", {"output.dir": str(tmp_path / "out"),
-                                                               "data.source": "builtin:demo"})
+    return load_config(ROOT / "configs" / "sd_1-5-lora.yaml", {"output.dir": str(tmp_path / "out")})
 
 
 def serve(config, base):
     swarm = {"protocol": PROTOCOL, "training": TRAINING, "run_id": "testrun", "epoch": 3, "samples_toward_target": 5,
              "target_batch_size": 75000, "samples_per_second": 1.5, "peers": []}
-    server = HttpServer(exchange_routes(lambda: config_answer(config, base), lambda: peers_answer(PEERS),
+    server = HttpServer(exchange_routes(lambda: config_answer(config, "ab" * 32, base), lambda: peers_answer(PEERS),
                                         lambda: swarm), "127.0.0.1", 0)
     return server, f"127.0.0.1:{server.start()}"
 
 
 def test_the_lora_config_is_the_how_tos_plus_the_lora_section(lora_config):
-    how_to = load_config(ROOT / "configs" / "sd_1-5.yaml", {"output.dir": str(lora_config.output.dir),
-                                                            "data.source": "builtin:demo"})
+    how_to = load_config(ROOT / "configs" / "sd_1-5.yaml", {"output.dir": str(lora_config.output.dir)})
     assert lora_config.model_copy(update={"train": how_to.train}) == how_to
     lora = lora_config.train.lora
     assert (lora.rank, lora.scale_alpha) == (32, 32.0) and lora_config.train_text_encoder
