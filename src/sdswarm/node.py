@@ -167,7 +167,8 @@ def run_node(
     out = config.output.dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    checkpoints = Checkpoints(out / "checkpoints", keep=config.output.keep_checkpoints)
+    checkpoints = Checkpoints(out / "checkpoints", keep=config.output.keep_checkpoints,
+                              train_text_encoder=config.train_text_encoder)
     resume_from = checkpoints.latest() if resume else None
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)

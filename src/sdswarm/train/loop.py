@@ -139,13 +139,13 @@ class Trainer:
         except BaseException:
             log.exception("training stopped by an error at step %d; saving a checkpoint", p.step)
             with contextlib.suppress(Exception):
-                self.save_checkpoint()
+                self.save_checkpoint(wait=True)
             raise
         finally:
             bar.close()
         if stop.is_set():
             log.info("stop requested at step %d: saving a checkpoint", p.step)
-        self.save_checkpoint()
+        self.save_checkpoint(wait=True)
         self.save_samples()
         return p
 
@@ -196,10 +196,16 @@ class Trainer:
 
     # --- outputs ----------------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, *, wait: bool = False) -> Path | None:
+        """Training waits only while the weights and state are copied; the folder is written in the background.
+        wait=True (at the end of a run, on stop): return once it is on disk."""
         if self.progress.step == self._last_saved_step:
+            if wait:
+                self.checkpoints.wait()
+                self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
             return None
-        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), self.config_yaml)
+        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), self.config_yaml,
+                                     wait=wait)
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path
@@ -224,6 +230,7 @@ class Trainer:
         p, tracker = self.progress, self.optimizer.tracker
         p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
         p.swarm_samples = tracker.global_progress.samples_accumulated
+        p.checkpoints = [c.name for c in self.checkpoints.all()]  # a background write may have finished since
         bar.set_postfix(
             loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
             epoch=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
