@@ -49,6 +49,7 @@ from sdswarm.swarm.telemetry import (
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
 from sdswarm.train.loop import LoopSettings, Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss, half_dtype
+from sdswarm.train.trackers import open_trackers
 from sdswarm.web.app import create_app
 from sdswarm.web.auth import load_or_create_token
 from sdswarm.web.server import HttpServer, exchange_routes
@@ -210,7 +211,10 @@ def run_node(
             ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
             checkpoints=checkpoints, settings=loop_settings(config, seed), output_dir=out,
             config_yaml=config.to_yaml(), device=device,
+            trackers=open_trackers(config.output.log_with, out, config.swarm.run_id, config.model_dump(mode="json")),
         )
+        for tracker in trainer.trackers:
+            cleanup.callback(tracker.close)
         if resume_from is not None:
             trainer.load_state_dict(load_training_state(resume_from))
             log.info("resumed from %s at step %d", resume_from, trainer.progress.step)

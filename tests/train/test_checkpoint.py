@@ -59,9 +59,10 @@ def test_frozen_parts_are_linked_and_every_folder_loads_on_its_own(components, t
     def inode(folder: Path, rel: str) -> int:
         return (folder / rel).stat().st_ino
 
-    assert inode(first, "vae/diffusion_pytorch_model.safetensors") == inode(second, "vae/diffusion_pytorch_model.safetensors")
+    weights = "diffusion_pytorch_model.safetensors"
+    assert inode(first, f"vae/{weights}") == inode(second, f"vae/{weights}")
     assert inode(first, "tokenizer/vocab.json") == inode(second, "tokenizer/vocab.json")
-    assert inode(first, "unet/diffusion_pytorch_model.safetensors") != inode(second, "unet/diffusion_pytorch_model.safetensors")
+    assert inode(first, f"unet/{weights}") != inode(second, f"unet/{weights}")
     text = "text_encoder/model.safetensors"
     assert (inode(first, text) == inode(second, text)) is not train_text_encoder
 

@@ -26,6 +26,7 @@ from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
 from sdswarm.train.step import diffusion_loss, encode_latents, half_dtype
+from sdswarm.train.trackers import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,13 @@ class Trainer:
         output_dir: Path,
         config_yaml: str,
         device: torch.device,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         self.components, self.encoder, self.train_text_encoder = components, encoder, train_text_encoder
         self.stream, self.optimizer, self.trainable, self.ema = stream, optimizer, list(trainable), ema
         self.checkpoints, self.settings, self.config_yaml, self.device = checkpoints, settings, config_yaml, device
         self.output_dir = Path(output_dir)
+        self.trackers = list(trackers)  # TensorBoard, W&B: the metrics.jsonl figures, and the sample grids
         self.noise_generator = torch.Generator(device).manual_seed(settings.seed)
         self.caption_rng = random.Random(settings.seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.fp16 and device.type == "cuda")
@@ -218,7 +221,9 @@ class Trainer:
                 self.components, self.encoder, s.sample_prompts, width=s.sample_size[0], height=s.sample_size[1],
                 steps=s.sample_steps, guidance=s.sample_guidance, seed=s.seed,
             )
-        return save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
+        path = save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
+        self._track(lambda tracker: tracker.log_image("samples", grid, self.progress.step))
+        return path
 
     def _record_loss(self, loss: float) -> None:
         p = self.progress
@@ -239,6 +244,7 @@ class Trainer:
         record = p.snapshot()
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self._track(lambda tracker: tracker.log(record, p.step))
         if not bar.disable and bar.fp.isatty():
             return
         log.info(
@@ -246,6 +252,13 @@ class Trainer:
             p.step, p.loss, p.loss_avg, p.samples_per_second, p.local_epoch, p.swarm_epoch,
             p.swarm_samples, p.target_batch_size,
         )
+
+    def _track(self, send: Callable[[Tracker], None]) -> None:
+        for tracker in self.trackers:
+            try:
+                send(tracker)
+            except Exception as exc:  # a tracker's trouble (e.g. W&B offline) must not stop training
+                log.warning("%s could not log: %s", type(tracker).__name__, exc)
 
     # --- resume -----------------------------------------------------------------------------------------
 
