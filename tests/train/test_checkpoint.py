@@ -30,7 +30,7 @@ def state(step: int) -> dict:
 
 
 def save(checkpoints: Checkpoints, step: int, components) -> Path:
-    return checkpoints.save(step, components, state(step), "{}\n", wait=True)
+    return checkpoints.save(step, components, state(step), wait=True)
 
 
 def test_the_folder_has_the_names_transformers_4_and_5_both_read(components, tmp_path):
@@ -77,7 +77,7 @@ def test_training_goes_on_while_the_copy_is_written(components, tmp_path):
     checkpoints = Checkpoints(tmp_path, keep=3)
     before = components.unet.conv_in.weight.detach().clone()
     training_state = state(4)
-    final = checkpoints.save(4, components, training_state, "{}\n")  # returns before the folder is written
+    final = checkpoints.save(4, components, training_state)  # returns before the folder is written
     with torch.no_grad():  # the next steps change the weights and the optimizer state in place
         components.unet.conv_in.weight.add_(1.0)
         training_state["optimizer"]["moment"].add_(100.0)
@@ -95,7 +95,7 @@ def test_a_failed_write_is_reported_and_leaves_no_partial_folder(components, tmp
 
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", disk_full)
-        checkpoints.save(6, components, state(6), "{}\n")
+        checkpoints.save(6, components, state(6))
         with pytest.raises(OSError, match="No space left"):
             checkpoints.wait()
     assert list(tmp_path.iterdir()) == []

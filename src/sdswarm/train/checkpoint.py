@@ -15,8 +15,8 @@ Training is blocked only while the trained weights and the training state are co
 thread writes the copy (one write in flight: the next checkpoint waits for it). Parts that never change in a run
 (the VAE, tokenizer, scheduler, and the text encoder when it is not trained) are written once per process and
 hard-linked into later checkpoints, so each folder still loads on its own and deleting one never breaks another.
-A checkpoint is built in a hidden temp folder and renamed into place, so a crash leaves either the whole
-checkpoint or none; temp folders left by a killed process are removed on the next start.
+A checkpoint is built in a hidden temp folder and renamed into place (sdswarm.atomic), so a crash leaves
+either the whole checkpoint or none; temp folders left by a killed process are removed on the next start.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from sdswarm.atomic import TEMP_NAME, atomic_path
 from sdswarm.model.loading import SDComponents
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
 INFO_FILE = "checkpoint.json"
 TEXT_PREFIX = "text_model."  # how transformers 4 (and SD 1.x hub folders) name the CLIP text encoder's keys
-_NAME = re.compile(r"^step_(\d{8,})$")
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def as_pipeline(components: SDComponents, scheduler=None) -> StableDiffusionPipeline:
@@ -68,17 +69,18 @@ class _Snapshot:
     unet: dict[str, torch.Tensor]
     text_encoder: dict[str, torch.Tensor] | None  # None: frozen, written from the module itself
     training_state: dict[str, Any]
-    config_yaml: str
 
 
 class Checkpoints:
-    """The checkpoints of one run, in `root`, newest `keep` kept. `train_text_encoder`: whether the text encoder
-    changes during the run (else it is written once per process and hard-linked like the VAE)."""
+    """The checkpoints of one run, in `root`, newest `keep` kept; each holds `config_yaml`, the run's config.
+    `train_text_encoder`: whether the text encoder changes during the run (else it is written once per process
+    and hard-linked like the VAE)."""
 
-    def __init__(self, root: Path, keep: int, *, train_text_encoder: bool = True) -> None:
-        self.root, self.keep, self.train_text_encoder = Path(root), keep, train_text_encoder
+    def __init__(self, root: Path, keep: int, config_yaml: str = "", *, train_text_encoder: bool = True) -> None:
+        self.root, self.keep, self.config_yaml = Path(root), keep, config_yaml
+        self.train_text_encoder = train_text_encoder
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".tmp-*"):
+        for leftover in (p for p in self.root.iterdir() if TEMP_NAME.match(p.name)):
             log.warning("removing incomplete checkpoint %s (left by an interrupted save)", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -87,14 +89,14 @@ class Checkpoints:
 
     def all(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+        found = [p for p in self.root.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, step: int, components: SDComponents, training_state: dict[str, Any], config_yaml: str, *,
+    def save(self, step: int, components: SDComponents, training_state: dict[str, Any], *,
              wait: bool = False) -> Path:
         """Copy what changes to CPU memory, then write it in the background (after the write in flight, if any).
 
@@ -106,7 +108,6 @@ class Checkpoints:
             unet=cpu_copy(components.unet.state_dict()),
             text_encoder=cpu_copy(components.text_encoder.state_dict()) if self.train_text_encoder else None,
             training_state=cpu_copy(training_state),
-            config_yaml=config_yaml,
         )
         self._in_flight = self._writer.submit(self._write, snapshot)
         final = self.root / f"step_{step:08d}"
@@ -128,38 +129,31 @@ class Checkpoints:
 
     def _write(self, snapshot: _Snapshot) -> Path:
         final = self.root / f"step_{snapshot.step:08d}"
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            c = snapshot.components
-            as_pipeline(c).save_config(tmp)  # model_index.json
-            c.unet.save_config(tmp / "unet")
-            save_file(snapshot.unet, tmp / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-            frozen = ["vae", "tokenizer", "scheduler"]
-            if snapshot.text_encoder is not None:
-                write_text_encoder(c.text_encoder.config, snapshot.text_encoder, tmp / "text_encoder")
-            else:
-                frozen.append("text_encoder")
-            for part in frozen:
-                if not self._link_part(part, tmp):
-                    write_frozen_part(c, part, tmp / part)
-            (tmp / CONFIG_FILE).write_text(snapshot.config_yaml, encoding="utf-8")
-            info = {"step": snapshot.step, "train_text_encoder": snapshot.text_encoder is not None,
-                    "ema": snapshot.training_state.get("ema") is not None}
-            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            torch.save(snapshot.training_state, tmp / STATE_FILE)  # last: its presence marks a complete checkpoint
-            _fsync_tree(tmp)
-            if final.exists():  # same step saved twice (e.g. periodic, then on stop): the newer one wins
-                old = self.root / f".tmp-old-{final.name}-{os.getpid()}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            # durable: a power cut must not publish empty files; the same step saved twice (periodic, then on
+            # stop): the newer one wins
+            with atomic_path(final, durable=True) as tmp:
+                tmp.mkdir()
+                c = snapshot.components
+                as_pipeline(c).save_config(tmp)  # model_index.json
+                c.unet.save_config(tmp / "unet")
+                save_file(snapshot.unet, tmp / "unet" / "diffusion_pytorch_model.safetensors",
+                          metadata={"format": "pt"})
+                frozen = ["vae", "tokenizer", "scheduler"]
+                if snapshot.text_encoder is not None:
+                    write_text_encoder(c.text_encoder.config, snapshot.text_encoder, tmp / "text_encoder")
+                else:
+                    frozen.append("text_encoder")
+                for part in frozen:
+                    if not self._link_part(part, tmp):
+                        write_frozen_part(c, part, tmp / part)
+                (tmp / CONFIG_FILE).write_text(self.config_yaml, encoding="utf-8")
+                info = {"step": snapshot.step, "train_text_encoder": snapshot.text_encoder is not None,
+                        "ema": snapshot.training_state.get("ema") is not None}
+                (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+                torch.save(snapshot.training_state, tmp / STATE_FILE)  # last: it marks a complete checkpoint
         except BaseException:
             log.exception("checkpoint %s could not be written", final)
-            shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._frozen_from = final
         self.prune()
@@ -236,7 +230,7 @@ def checkpoint_step(checkpoint: Path) -> int | None:
     try:
         return int(json.loads((checkpoint / INFO_FILE).read_text(encoding="utf-8"))["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        match = _NAME.match(checkpoint.name)
+        match = CHECKPOINT_NAME.match(checkpoint.name)
         return int(match.group(1)) if match else None
 
 
@@ -246,11 +240,3 @@ def load_training_state(checkpoint: Path, *, mmap: bool = False) -> dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush file contents before the rename publishes them, so a power cut cannot publish empty files."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
