@@ -21,6 +21,7 @@ from typing import Literal
 
 import hivemind
 import torch
+from PIL import Image
 
 from sdswarm.atomic import write_atomic
 from sdswarm.config import Config, Precision, SwarmConfig
@@ -48,6 +49,7 @@ from sdswarm.swarm.telemetry import (
     wait_for_progress_from,
 )
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
+from sdswarm.train.colour_check import check_grid
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.loop import Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss, half_dtype
@@ -280,7 +282,19 @@ def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchSt
     summary.eval_loss_end = eval_loss()
     log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
              summary.eval_loss_start, summary.eval_loss_end, summary.progress.step, summary.progress.skipped_steps)
+    if trainer.last_samples is not None:
+        report_samples(trainer.last_samples, trainer.output.sample_prompts, trainer.resolution)
     return summary
+
+
+def report_samples(grid: Path, prompts: Sequence[str], size: int) -> None:
+    """Where the last grid is, and for the demo's prompts whether each sample shows its colours."""
+    checks = check_grid(Image.open(grid), prompts, size, size)
+    if not checks:
+        log.info("samples: %s", grid)
+        return
+    log.info("samples: %s: %d of %d prompts show their shape's colour in the centre and the background at the "
+             "border\n  %s", grid, sum(c.ok for c in checks), len(checks), "\n  ".join(c.describe() for c in checks))
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:

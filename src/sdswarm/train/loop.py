@@ -87,6 +87,7 @@ class Trainer:
             train, output, precision, ucg, resolution, seed)
         self.output_dir = Path(output.dir)
         self.trackers = list(trackers)  # TensorBoard, W&B: the metrics.jsonl figures, and the sample grids
+        self.last_samples: Path | None = None  # the newest sample grid
         # prepare_model decided it: the text encoder trains when its parameters require grad
         self.train_text_encoder = any(p.requires_grad for p in components.text_encoder.parameters())
         self.noise_generator = torch.Generator(device).manual_seed(seed)
@@ -211,6 +212,7 @@ class Trainer:
                 steps=out.sample_steps, guidance=out.sample_guidance, seed=self.seed,
             )
         path = save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
+        self.last_samples = path
         self._track(lambda tracker: tracker.log_image("samples", grid, self.progress.step))
         return path
 
