@@ -141,7 +141,8 @@ class Trainer:
         if stop.is_set():
             log.info("stop requested at step %d: saving a checkpoint", p.step)
         self.save_checkpoint(wait=True)
-        self.save_samples()
+        if self.last_samples is None or self.last_samples.name != f"step_{p.step:08d}.png":  # not just made
+            self.save_samples()
         return p
 
     def finished(self) -> bool:
