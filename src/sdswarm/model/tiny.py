@@ -18,7 +18,7 @@ from sdswarm.data.demo import plan_post, render
 from sdswarm.data.loader import to_tensor
 
 # Bump the suffix whenever the tiny recipe changes, so stale caches are not reused.
-TINY_MODEL_DIRNAME = "tiny-sd-v3"
+TINY_MODEL_DIRNAME = "tiny-sd-v2"
 TOKENIZER_ASSETS = Path(__file__).resolve().parent / "tiny_tokenizer"
 
 # The tiny VAE is trained at build time on demo-like images, so samples decode to pictures, not noise.
@@ -97,30 +97,23 @@ def _train_tiny_vae(vae: AutoencoderKL, seed: int, steps: int) -> None:
     vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
 
 
-def _tiny_unet() -> UNet2DConditionModel:
-    """Three levels (32x32 -> 16x16 -> 8x8 latents), attending to the prompt at the two lower ones: the 8x8 level
-    sees the whole picture, so a few hundred steps place one shape in its colours on its background (with two
-    levels, the demo's samples stayed coloured speckle)."""
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-
-
 def _tiny_pipeline(seed: int, vae_steps: int = TINY_VAE_STEPS) -> StableDiffusionPipeline:
     tokenizer = tiny_tokenizer()
     # fork_rng: deterministic weights without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _tiny_unet()
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=32,
+        )
         # Two blocks -> one 2x downsample: 64 px images <-> 32x32 latents, like SD's 8x at 512 px.
         # Kept small (no attention, 8 channels) so training it takes seconds; one norm group learns far faster.
         vae = AutoencoderKL(
