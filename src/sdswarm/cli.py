@@ -183,13 +183,14 @@ def show_status(address: str) -> int:
     except ExchangeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"run {view['run_id']}: epoch {view['epoch']}, {view['samples_toward_target']}/{view['target_batch_size']} "
+    print(f"run {view['run_id']}: swarm step {view['epoch']}, "
+          f"{view['samples_toward_target']}/{view['target_batch_size']} "
           f"samples toward the target, {view['samples_per_second']:.1f} samples/s, {len(view['peers'])} peers")
-    print(f"{'peer':<16} {'role':<7} {'address':<22} {'step':>7} {'epoch':>6} {'loss':>8} {'samples/s':>10}")
+    print(f"{'peer':<16} {'role':<7} {'address':<22} {'step':>7} {'swarm step':>10} {'loss':>8} {'samples/s':>10}")
     for peer in view["peers"]:
         loss = "-" if peer["loss"] is None else f"{peer['loss']:.4f}"
         print(f"{peer['peer_id'][-16:]:<16} {peer['role']:<7} {peer['address'] or '-':<22} {peer['step']:>7} "
-              f"{peer['local_epoch']:>6} {loss:>8} {peer['samples_per_second']:>10.1f}")
+              f"{peer['local_epoch']:>10} {loss:>8} {peer['samples_per_second']:>10.1f}")
     return 0
 
 

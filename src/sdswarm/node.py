@@ -155,7 +155,8 @@ def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
 
 
 def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False) -> RunSummary:
-    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_epochs or a signal."""
+    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_swarm_steps or a
+    signal."""
     return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume)
 
 
@@ -298,13 +299,13 @@ def report_samples(grid: Path, prompts: Sequence[str], size: int) -> None:
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
-    """Train until max_steps, max_epochs or a signal. A stop from the UI pauses training (after a checkpoint) and the
-    node stays up, serving its UI, until it is started again or told to quit."""
+    """Train until max_steps, max_swarm_steps or a signal. A stop from the UI pauses training (after a checkpoint)
+    and the node stays up, serving its UI, until it is started again or told to quit."""
     while True:
         controls.state = "training"
         trainer.run(controls.stop_training)
         if controls.quit.is_set() or not controls.stop_training.is_set():
-            return  # a signal, or max_steps / max_epochs reached
+            return  # a signal, or max_steps / max_swarm_steps reached
         controls.state = "stopped"
         log.info("training stopped from the UI at step %d; start it again there, or Ctrl-C to quit",
                  trainer.progress.step)
@@ -319,10 +320,10 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
-        log.info("the swarm is at epoch %d, this peer at %d: downloading the current state from peers",
+        log.info("the swarm is at swarm step %d, this peer at %d: downloading the current state from peers",
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
-        log.info("caught up: now at epoch %d", optimizer.local_epoch)
+        log.info("caught up: now at swarm step %d", optimizer.local_epoch)
         return True
     if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
