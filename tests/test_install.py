@@ -28,7 +28,9 @@ DATA_FILES = (
 
 
 def run(*command: str, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+    # without PYTHONPATH: a source tree on it would make pip (and Python) take it for the installed package
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, **kwargs)
     assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -56,8 +58,7 @@ def test_the_wheel_carries_the_package_data_and_installs_into_a_fresh_virtualenv
             "version": meta.version("sdswarm"),
         }))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    found = json.loads(run(str(python), "-c", check, *DATA_FILES, cwd=tmp_path, env=env).stdout)
+    found = json.loads(run(str(python), "-c", check, *DATA_FILES, cwd=tmp_path).stdout)
     assert str(tmp_path / "venv") in found["location"], found
     assert found["present"] == list(DATA_FILES), found
     assert found["scripts"] == ["sdswarm"] and found["version"] == "0.1.0"
