@@ -27,7 +27,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdswarm.model.loading import SDComponents, tiny_tokenizer
+from sdswarm.model.loading import SDComponents
+from sdswarm.model.tiny import tiny_tokenizer
 from sdswarm.train.checkpoint import STATE_FILE, Checkpoints, as_pipeline
 
 GB = 1e9
