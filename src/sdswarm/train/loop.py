@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import torch
 from tqdm.auto import tqdm
 
@@ -23,6 +22,7 @@ from sdswarm.data.loader import Batch, BatchStream
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
 from sdswarm.model.text import PromptEncoder, drop_captions
+from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights
 from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
@@ -72,7 +72,7 @@ class Trainer:
         ema: EMA | None,
         latent_cache: LatentCache | None,
         stream: BatchStream,
-        optimizer: hivemind.Optimizer,
+        optimizer: SwarmOptimizer,
         checkpoints: Checkpoints,
         device: torch.device,
         train: TrainConfig,
@@ -203,7 +203,11 @@ class Trainer:
                 self.checkpoints.wait()
                 self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
             return None
-        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), wait=wait)
+        with global_weights(self.optimizer):  # DiLoCo: the swarm's weights, not this peer's local phase
+            # copied here; the folder is written from the copy in the background
+            path = self.checkpoints.save(self.progress.step, self.components, self.state_dict())
+        if wait:
+            self.checkpoints.wait()
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path
@@ -211,7 +215,7 @@ class Trainer:
     def save_samples(self) -> Path:
         out = self.output
         swap = self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext()
-        with swap:
+        with global_weights(self.optimizer), swap:
             grid = render_grid(
                 self.components, self.encoder, out.sample_prompts, width=self.resolution, height=self.resolution,
                 steps=out.sample_steps, guidance=out.sample_guidance, seed=self.seed,
@@ -232,6 +236,7 @@ class Trainer:
         p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
         p.swarm_samples = tracker.global_progress.samples_accumulated
         p.checkpoints = [c.name for c in self.checkpoints.all()]  # a background write may have finished since
+        p.target_batch_size = self.optimizer.target_batch_size  # DiLoCo's follows the number of peers
         bar.set_postfix(
             loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
             swarm_step=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
