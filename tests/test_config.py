@@ -31,9 +31,23 @@ def test_howto_config_loads_unchanged():
     assert (swarm.sync, swarm.compression) == ("every_step", "auto")  # auto: scaled_fp16 gradients
 
 
-def test_howto_file_has_exactly_the_howto_keys():
+def test_howto_file_has_exactly_the_howto_keys_and_the_howtos_bucket():
     text = (ROOT / "configs" / "sd_1-5.yaml").read_text()
-    assert [line.split(":")[0] for line in text.splitlines() if line.strip()] == HOWTO_KEYS
+    top = [line.split(":")[0] for line in text.splitlines() if line.strip() and not line.startswith((" ", "#"))]
+    assert top == [*HOWTO_KEYS, "data"]
+    data = load_config(ROOT / "configs" / "sd_1-5.yaml").data
+    assert data.source == ("https://crowdcloud.us-southeast-1.linodeobjects.com/crowdcloud/opendataset/v1/danbooru/"
+                           "{post_id}.{image_ext}")
+    assert data.index == "danbooru.db"
+
+
+def test_the_demo_data_with_a_real_model_is_refused_saying_how_to_point_at_real_data():
+    with pytest.raises(ConfigError) as caught:
+        load_config(ROOT / "configs" / "sd_1-5.yaml", {"data.source": "builtin:demo"})
+    message = str(caught.value)
+    assert "builtin:demo" in message and "runwayml/stable-diffusion-v1-5" in message
+    assert "data.source" in message and "data.index" in message and "sdswarm index build --from-dump" in message
+    assert load_config(ROOT / "configs" / "tiny.yaml").data.source == "builtin:demo"  # the tiny model's data
 
 
 def test_tiny_config_loads():
@@ -103,6 +117,7 @@ def test_config_round_trips_through_yaml(tmp_path):
         ({"model": "x", "train": {"max_steps": -1}}, ("train.max_steps",)),
         ({"model": "x", "buckets_side_min": 1024}, ("buckets_side_min", "buckets_side_max")),
         ({"model": "x", "fp16": True, "train": {"mixed_precision": "bf16"}}, ("fp16", "train.mixed_precision")),
+        ({"model": "x", "data": {"source": "builtin:demo"}}, ("data.source", "model")),
     ],
 )
 def test_errors_carry_the_keys_to_fix(data, keys):
@@ -112,5 +127,5 @@ def test_errors_carry_the_keys_to_fix(data, keys):
 
 
 def test_the_old_name_of_max_swarm_steps_still_reads():
-    assert parse_config({"model": "x", "train": {"max_epochs": 3}}).train.max_swarm_steps == 3
-    assert parse_config({"model": "x", "train": {"max_swarm_steps": 4}}).train.max_swarm_steps == 4
+    assert parse_config({"model": "builtin:tiny", "train": {"max_epochs": 3}}).train.max_swarm_steps == 3
+    assert parse_config({"model": "builtin:tiny", "train": {"max_swarm_steps": 4}}).train.max_swarm_steps == 4

@@ -17,9 +17,10 @@ from sdswarm.config import ConfigError, load_config
 log = logging.getLogger("sdswarm")
 
 # What a joining node may set for itself; everything else is the swarm's and comes from the relay.
-JOINER_KEYS = ("output.", "data.workdir", "data.loader_workers", "data.source", "train.device", "train.batch_size",
-               "train.gradient_checkpointing", "train.attention",
-               "train.max_steps", "swarm.uplink_mbit", "swarm.min_link_mbit")
+# (A key ending in "." covers its section.) `model` only where the swarm's is a folder on the mother's disk.
+JOINER_KEYS = ("output.", "data.workdir", "data.loader_workers", "data.source", "data.index", "model", "train.device",
+               "train.batch_size", "train.gradient_checkpointing", "train.attention", "train.max_steps",
+               "swarm.uplink_mbit", "swarm.min_link_mbit")
 DEFAULT_JOIN_OUTPUT = "output/joined"
 
 
@@ -122,16 +123,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sdswarm.node import run_mother  # heavy imports only once the config is known to be good
 
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
-    run_mother(config, resume=args.resume)
+    try:
+        run_mother(config, resume=args.resume)
+    except ConfigError as exc:  # the model or the index, checked before anything starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def join(address: str, overrides: dict, *, resume: bool) -> int:
     from sdswarm.node import run_node
-    from sdswarm.swarm.exchange import DATA_PATH, ExchangeError, fetch_join_info
+    from sdswarm.swarm.exchange import ExchangeError, fetch_join_info
     from sdswarm.swarm.settings import load_settings
 
-    swarm_keys = [key for key in overrides if not key.startswith(JOINER_KEYS)]
+    swarm_keys = [key for key in overrides if not any(key == own or (own.endswith(".") and key.startswith(own))
+                                                      for own in JOINER_KEYS)]
     if swarm_keys:
         raise ConfigError(f"{', '.join(swarm_keys)}: set by the swarm, not by a joining node "
                           f"(a joiner may set: {', '.join(JOINER_KEYS)})")
@@ -144,8 +150,12 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
         return 2
     log.info("joining run %r through %s (%d DHT addresses)", info.config.swarm.run_id, info.base_url, len(info.peers))
     transformers.logging.set_verbosity_error()
-    run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
-             demo_mirror=info.base_url + DATA_PATH)
+    try:
+        run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
+                 relay=info.base_url)
+    except ConfigError as exc:  # the model or the index, checked before anything starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -171,6 +181,12 @@ def build_index(folder: Path | None, dump: Path | None, out: Path) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    if report.rows == 0:  # an empty index trains nothing: say why instead of leaving one behind
+        Path(out).unlink(missing_ok=True)
+        print(f"error: no trainable post in {folder or dump}: {report}. A dump must hold Danbooru posts (objects "
+              "with id, md5, file_ext, tags), as a JSON list or one per line (JSONL); a folder, {post_id}.{ext} "
+              "images with {post_id}.json beside them", file=sys.stderr)
+        return 1
     print(f"{out}: {report} ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -43,11 +43,15 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: str = Field("builtin:demo", description="builtin:demo, a folder of {post_id}.{ext} + .json pairs, or "
-                        "an http(s) URL of the images: a base, or a template with {post_id} and {ext}")
+                        "an http(s) URL of the images: a base, or a template with {post_id} and {ext} "
+                        "(the how-to's {image_ext} works too)")
     json_source: str | None = Field(None, description="where the .json halves are (folder or URL template); "
                                     "default: beside the images")
-    index: str | None = Field(None, description="SQLite index of posts (file or http(s) URL); "
-                              "default: built from a source folder; required for a URL source")
+    index: str | None = Field(None, description="SQLite index of posts (file or http(s) URL): this project's, "
+                              "or the how-to's posts(post_id, ext, rating) db; default: built from a source "
+                              "folder; required for a URL source. A joiner without one downloads the swarm's")
+    index_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the sha256 of the index file "
+                                     "the swarm trains on: a relay sends it, a joiner's index must match it")
     workdir: Path | None = Field(None, description="where pairs land as image + .txt; default OUTPUT/workdir")
     images_per_chunk: PositiveInt = Field(1000, description="pairs trained per chunk before the next is drawn")
     caption_categories: list[Literal["character", "copyright", "general", "artist", "meta"]] = Field(
@@ -195,6 +199,18 @@ class Config(Section):
                 f"fp16: True conflicts with train.mixed_precision: {self.train.mixed_precision}; "
                 "set fp16: False to use it", "fp16", "train.mixed_precision",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_demo_model(self) -> Config:
+        # the demo's 48-160 px coloured shapes would only ruin a real model
+        if self.data.source == "builtin:demo" and self.model != "builtin:tiny":
+            raise CrossKeyError(
+                f"data.source is builtin:demo (coloured shapes for the tiny model) but model is {self.model!r}: "
+                "point data at real data, e.g. data.source: https://.../danbooru/{post_id}.{image_ext} with "
+                "data.index: posts.db (build one with: sdswarm index build --from-dump DUMP --out posts.db), or "
+                "a folder of {post_id}.{ext} + .json pairs; or train model: builtin:tiny on the demo",
+                "data.source", "model")
         return self
 
     @property

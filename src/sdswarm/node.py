@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
 import logging
 import math
@@ -28,13 +29,14 @@ from sdswarm.config import Config, Precision, SwarmConfig
 from sdswarm.controls import NodeControls
 from sdswarm.data.aspect import make_aspect_buckets
 from sdswarm.data.bucket import bucket_routes
-from sdswarm.data.chunks import open_chunks
+from sdswarm.data.chunks import SharedIndex, open_chunks, resolve_index
 from sdswarm.data.demo import BUILTIN_DEMO
-from sdswarm.data.loader import BatchStream, CaptionShuffle
+from sdswarm.data.index_share import index_routes
+from sdswarm.data.loader import Batch, BatchStream, CaptionShuffle
 from sdswarm.data.shards import choose_slot
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
-from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
+from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
@@ -62,6 +64,7 @@ from sdswarm.web.server import HttpServer, exchange_routes
 log = logging.getLogger(__name__)
 
 EVAL_BATCHES = 4
+EVAL_FILE = "eval_batches.pt"  # the fixed-seed eval batches, kept so a resumed run fetches nothing for them
 
 
 def pick_device(choice: str) -> torch.device:
@@ -100,15 +103,24 @@ def prepare_model(components: SDComponents, *, device: torch.device, train_text_
     return trainable
 
 
+def find_index(config: Config, relay: str | None = None) -> SharedIndex:
+    """The index this peer trains on (a joiner without its own downloads it from `relay`), checked against
+    the swarm's hash."""
+    return resolve_index(config.data, out=config.output.dir / "index.db", demo_dir=demo_dir(),
+                         cache=default_cache_dir() / "indexes", relay=relay)
+
+
 def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mother",
-                 choose_slot: Callable[[int | None], int] | None = None, demo_mirror: str | None = None) -> BatchStream:
+                 choose_slot: Callable[[int | None], int] | None = None, relay: str | None = None,
+                 index: SharedIndex | None = None, start_slot: int | None = None) -> BatchStream:
     """The batches this peer trains: its shard of the index (the slot from the run seed and `peer_id`, or
-    from `choose_slot` before each round), ordered by `seed` (default: the run's). `demo_mirror`: where a
-    joiner fetches builtin:demo's files (its relay's data route)."""
+    from `choose_slot` before each round, from `start_slot` on), ordered by `seed` (default: the run's).
+    `relay`: a joiner's relay (base URL), where it fetches builtin:demo's files; `index`: from find_index."""
     data = config.data
     chunks = open_chunks(data, seed=config.seed, peer_id=peer_id, workdir=data.workdir or config.output.dir / "workdir",
                          index_out=config.output.dir / "index.db", demo_dir=demo_dir(),
-                         choose_slot=choose_slot, demo_mirror=demo_mirror)
+                         choose_slot=choose_slot, demo_mirror=relay + DATA_PATH if relay else None,
+                         index=index or find_index(config, relay), start_slot=start_slot)
     buckets = make_aspect_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
                                   step=data.bucket_step, max_ratio=data.bucket_max_ratio)
     tag_shuffle = CaptionShuffle(data.caption_separator, data.caption_keep_first) if data.caption_shuffle else None
@@ -167,11 +179,18 @@ def run_node(
     settings: NodeSettings,
     initial_peers: Sequence[str] = (),
     resume: bool = False,
-    demo_mirror: str | None = None,
+    relay: str | None = None,
 ) -> RunSummary:
+    """Train as the mother or as a joiner (`relay`: the base URL of the relay it joined through)."""
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     checkpoints, resume_from = open_output(config, resume)
+    # what can fail for the user's reasons fails here, before the DHT and the data start: the model, the index
+    if resume_from is None:
+        check_model(config.model)
+    index = find_index(config, relay)
+    state = load_training_state(resume_from) if resume_from is not None else None
+    resumed_slot = state["progress"].get("data_slot") if state is not None else None
     stop_training, quit_node = threading.Event(), threading.Event()
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
@@ -185,26 +204,35 @@ def run_node(
 
         # the data slot is chosen before each round among the slots the other peers publish (after the
         # start-up barrier for the first): peers train disjoint posts without asking anyone
-        stream = prepare_data(config, seed=seed, peer_id=peer_id,
-                              choose_slot=partial(choose_data_slot, dht, config, peer_id), demo_mirror=demo_mirror)
+        stream = prepare_data(config, seed=seed, peer_id=peer_id, choose_slot=partial(choose_data_slot, dht, config,
+                              peer_id), relay=relay, index=index, start_slot=resumed_slot)
         cleanup.callback(stream.close)
-        trainer = build_trainer(config, dht, stream, checkpoints, resume_from, seed=seed, device=device,
+        trainer = build_trainer(config, dht, stream, checkpoints, resume_from, state, seed=seed, device=device,
                                 cleanup=cleanup)
+        del state
         controls = NodeControls(
             trainer=trainer, settings_dir=config.output.dir, run_id=config.swarm.run_id,
             swarm_view=partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size),
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
         )
-        address = start_http(config, settings, dht, controls, cleanup)
+        address = start_http(config, settings, dht, controls, cleanup, index)
         publish_metrics(dht, config.swarm.run_id, trainer, stream, peer_id=peer_id, address=address,
                         role="mother" if role == "mother" else settings.mode, cleanup=cleanup)
 
         if not join_swarm(trainer.optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
             trainer.after_first_step = partial(wait_for_progress_from, trainer.optimizer, config.swarm.min_peers,
                                                config.swarm.startup_timeout)
-        log.info("aspect buckets:\n%s", stream.describe())  # the first round's data, in this peer's slot
-        return train_and_evaluate(trainer, controls, stream, seed=config.seed)
+        position = trainer.progress
+        # the round training starts with (after a resume, the one it stopped in), in this peer's slot
+        log.info("aspect buckets:\n%s", stream.describe(position.data_round))
+        if resumed_slot is not None and stream.slot_of(position.data_round) != resumed_slot:
+            log.warning("resumed in round %d at batch %d: this peer trained it from data slot %d, now slot %d (a "
+                        "peer of higher priority holds %d): the rest of the round comes from slot %d's chunk",
+                        position.data_round, position.data_batch, resumed_slot, stream.slot_of(position.data_round),
+                        resumed_slot, stream.slot_of(position.data_round))
+        return train_and_evaluate(trainer, controls, stream, seed=config.seed,
+                                  eval_file=config.output.dir / EVAL_FILE)
 
 
 def open_output(config: Config, resume: bool) -> tuple[Checkpoints, Path | None]:
@@ -221,10 +249,10 @@ def open_output(config: Config, resume: bool) -> tuple[Checkpoints, Path | None]
 
 
 def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkpoints: Checkpoints,
-                  resume_from: Path | None, *, seed: int, device: torch.device,
+                  resume_from: Path | None, state: dict | None, *, seed: int, device: torch.device,
                   cleanup: contextlib.ExitStack) -> Trainer:
     """The model on its device, hivemind's optimizer over its trainable parameters, and the trainer (resumed
-    from `resume_from` when given)."""
+    from `resume_from` and its training `state` when given)."""
     components = load_components(str(resume_from) if resume_from else config.model)
     trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
                               precision=config.precision, gradient_checkpointing=config.train.gradient_checkpointing,
@@ -249,8 +277,8 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
     )
     for tracker in trainer.trackers:
         cleanup.callback(tracker.close)
-    if resume_from is not None:
-        trainer.load_state_dict(load_training_state(resume_from))
+    if resume_from is not None and state is not None:
+        trainer.load_state_dict(state)
         log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
     return trainer
 
@@ -269,9 +297,10 @@ def publish_metrics(dht: hivemind.DHT, run_id: str, trainer: Trainer, stream: Ba
     cleanup.callback(publisher.stop)
 
 
-def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchStream, *, seed: int) -> RunSummary:
-    """Train until done, with the fixed-seed loss on the first batches before and after."""
-    eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
+def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchStream, *, seed: int,
+                       eval_file: Path) -> RunSummary:
+    """Train until done, with the fixed-seed loss on the same batches before and after."""
+    eval_batches = load_eval_batches(eval_file, stream, trainer.progress.data_round)
     components = trainer.components
 
     def eval_loss() -> float:
@@ -297,6 +326,22 @@ def report_samples(grid: Path, prompts: Sequence[str], size: int) -> None:
         return
     log.info("samples: %s: %d of %d prompts show their shape's colour in the centre and the background at the "
              "border\n  %s", grid, sum(c.ok for c in checks), len(checks), "\n  ".join(c.describe() for c in checks))
+
+
+def load_eval_batches(path: Path, stream: BatchStream, data_round: int) -> list[Batch]:
+    """The fixed-seed eval batches: kept in `path` from the run's first start (so a resumed run fetches nothing
+    for them), else the first batches of the pass training starts with, saved there."""
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            return [Batch(pixels=pixels, captions=list(captions)) for pixels, captions in saved]
+        except Exception as exc:  # damaged, or another layout: make them again
+            log.warning("eval batches %s unreadable (%s): taking them from round %d", path, exc, data_round)
+    batches = [batch for _, _, batch in itertools.islice(stream.iterate(data_round), EVAL_BATCHES)]
+    buffer = io.BytesIO()
+    torch.save([(b.pixels, b.captions) for b in batches], buffer)
+    write_atomic(path, buffer.getvalue())
+    return batches
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
@@ -332,7 +377,7 @@ def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig,
 
 
 def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
-               cleanup: contextlib.ExitStack) -> str | None:
+               cleanup: contextlib.ExitStack, index: SharedIndex) -> str | None:
     """Serve the web UI, and on a relay the I.E endpoints beside it; return the address a friend joins with.
 
     A relay listens where its settings say; a client serves only its own UI, on loopback.
@@ -340,14 +385,18 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     out = config.output.dir
     token = load_or_create_token(out)
     # folders whose names must not leak through the UI (the output folder is hidden by the UI itself)
-    local = [config.data.source, config.data.workdir, default_cache_dir()]
+    named = config.data.index
+    index_dir = Path(named).parent if named and not named.startswith(("http://", "https://")) else None
+    local = [config.data.source, config.data.workdir, index_dir, default_cache_dir()]
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
     app = create_app(controls, admin_token=token, private_paths=private)
     routes = [] if settings.client_mode else exchange_routes(
-        config_answer=partial(config_answer, config),
+        config_answer=partial(config_answer, config, index.sha256),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
         swarm_answer=lambda: {"protocol": PROTOCOL, **controls.swarm()},
     )
+    if routes:  # every relay serves the index it trains on: its joiners need no local copy
+        routes += index_routes(index.file, index.sha256)
     if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
         routes += bucket_routes(demo_dir(), prefix=DATA_PATH)
     host = "127.0.0.1" if settings.client_mode else settings.listen_host

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from sdswarm.data.bucket import Bucket, FetchSettings, bucket_routes
 from sdswarm.data.chunks import CaptionSettings, ChunkSource, open_chunks
 from sdswarm.data.demo import make_demo_dataset
 from sdswarm.data.index import Index, build_from_dump, build_from_folder
+from sdswarm.data.rejects import RejectedPosts
 from sdswarm.data.shards import ShardPlan
 from sdswarm.data.workdir import WorkDir, list_pairs
 from sdswarm.swarm.exchange import DATA_PATH
@@ -72,10 +74,55 @@ def remote(http_bucket, tmp_path: Path):
 
 
 def source(index: Index, bucket: Bucket, workdir: Path, *, per_chunk: int = 1000, shards: int = 1,
-           max_bytes: int = 10**9) -> ChunkSource:
+           max_bytes: int = 10**9, rejects: RejectedPosts | None = None) -> ChunkSource:
     plan = ShardPlan(seed=0, size=len(index), images_per_chunk=per_chunk, shards=shards)
     return ChunkSource(index=index, bucket=bucket, workdir=WorkDir(workdir, max_bytes, CaptionSettings().key()),
-                       plan=plan, slot=0, max_pixels=10_000_000, decode_workers=2)
+                       plan=plan, slot=0, max_pixels=10_000_000, decode_workers=2, rejects=rejects)
+
+
+def test_rejected_posts_are_remembered_and_never_fetched_again(remote, tmp_path: Path, caplog) -> None:
+    http_bucket, index, discards = remote
+    bucket = Bucket(http_bucket.template(), settings=FAST)
+    rejects_path = tmp_path / "work.rejected.json"
+    chunks = source(index, bucket, tmp_path / "work", rejects=RejectedPosts(rejects_path, "b"))
+    bad = {p.post_id for p in index.posts_at(range(len(index)))} - set(GOOD)
+    try:
+        with caplog.at_level(logging.INFO):
+            chunks.pairs(0)
+        stats = chunks.stats()
+        assert stats.rejected_posts == len(bad) == sum(discards.values())
+        assert len(stats.last_rejected) == ChunkSource.LAST_REJECTED and "17: md5 mismatch" in stats.last_rejected
+        assert f"rejected posts: {len(bad)} remembered in {rejects_path}" in caplog.text
+        hits = http_bucket.hits.copy()
+        assert len(chunks.pairs(1)) == len(GOOD)  # the next data epoch draws the same posts again
+        assert chunks.stats().skipped_rejected == len(bad)
+    finally:
+        chunks.close()
+    again = source(index, bucket, tmp_path / "work", rejects=RejectedPosts(rejects_path, "b"))  # a restart
+    try:
+        assert len(again.pairs(2)) == len(GOOD) and again.stats().skipped_rejected == len(bad)
+    finally:
+        again.close()
+    assert http_bucket.hits == hits, "a rejected (or cached) post was fetched again"
+    fresh = RejectedPosts(rejects_path, "another bucket")  # other files: other verdicts
+    assert len(fresh) == 0
+
+
+def test_not_json_is_told_from_json_of_an_unknown_shape(http_bucket, tmp_path: Path) -> None:
+    image = files.solid("PNG")
+    metas = {1: b"<html>rate limited</html>", 2: json.dumps({"posts": []}).encode(),
+             3: json.dumps(files.api_post(3, image=image)).encode()}
+    dump = [files.api_post(post_id, image=image) for post_id in metas]
+    for post_id, meta in metas.items():
+        http_bucket.files[f"{post_id}.png"], http_bucket.files[f"{post_id}.json"] = image, meta
+    (tmp_path / "dump.json").write_text(json.dumps(dump))
+    build_from_dump(tmp_path / "dump.json", tmp_path / "index.db")
+    chunks = source(Index(tmp_path / "index.db"), Bucket(http_bucket.template(), settings=FAST), tmp_path / "work")
+    try:
+        assert len(chunks.pairs(0)) == 1
+        assert chunks.stats().discarded == {"json unreadable (not JSON)": 1, "json of an unknown shape": 1}
+    finally:
+        chunks.close()
 
 
 def test_a_round_over_http_keeps_the_good_pairs_and_counts_every_bad_one(remote, tmp_path: Path) -> None:

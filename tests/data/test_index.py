@@ -26,7 +26,8 @@ def api_dump() -> list:
 
 
 EXPECTED_SKIPS = {
-    "bad record": 1, "duplicate post id": 1, "file type avif": 1, "file type gif": 1, "file type mp4": 1,
+    "JSON of a shape we do not read (str, not a post object)": 1,
+    "duplicate post id": 1, "file type avif": 1, "file type gif": 1, "file type mp4": 1,
     "file type swf": 1, "file type unknown": 1, "file type webm": 1, "file type zip": 1, "hidden (no file)": 1,
     "no post id": 1,
 }
@@ -60,7 +61,7 @@ def test_yearly_jsonl_dump_with_string_values_gzipped(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "2019.jsonl.gz", "wt") as handle:
         handle.write(text)
     report = build_from_dump(tmp_path / "2019.jsonl.gz", tmp_path / "i.db")
-    assert (report.rows, report.skipped) == (1, {"bad record": 1, "file type gif": 1, "hidden (no file)": 1})
+    assert (report.rows, report.skipped) == (1, {"not JSON": 1, "file type gif": 1, "hidden (no file)": 1})
     with Index(tmp_path / "i.db") as index:
         assert index.posts_at([0]) == [Post(0, 5, "jpg", "a" * 32, 800, 600, 12345, "s", 2)]
 
@@ -134,6 +135,26 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "error:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["index", "build", "--from-folder", "a", "--from-dump", "b", "--out", "c"])
+
+
+def e621_posts(n: int) -> list[dict]:
+    """e621's API layout: the file's md5 and ext inside a `file` object."""
+    return [{"id": i, "file": {"ext": "png", "md5": f"{i:032x}", "width": 8, "height": 8},
+             "tags": {"general": ["tag"]}, "rating": "s"} for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize(("dump", "why"), [
+    (json.dumps({"posts": e621_posts(75)}, indent=2), "an object holding 75 posts under 'posts'"),
+    (json.dumps({"posts": e621_posts(75)}), "an object holding 75 posts under 'posts'"),
+    ("\n".join(json.dumps(p) for p in e621_posts(75)), "75 JSON of a shape we do not read (e621's post layout"),
+    ("<html>rate limited</html>\n", "1 not JSON"),
+])
+def test_a_build_that_indexes_nothing_fails_and_says_why(tmp_path: Path, capsys, dump: str, why: str) -> None:
+    (tmp_path / "dump.json").write_text(dump)
+    assert main(["index", "build", "--from-dump", str(tmp_path / "dump.json"), "--out", str(tmp_path / "i.db")]) == 1
+    err = capsys.readouterr().err
+    assert "error: no trainable post in" in err and "0 posts indexed" in err and why in err, err
+    assert not (tmp_path / "i.db").exists()  # no empty index left for a run to trip over
 
 
 def test_many_rows_open_and_draw_fast_with_flat_memory(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from sdswarm.web.server import HttpServer, exchange_routes
 from tests.conftest import ROOT
 
 PEERS = ["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWFakePeer"]
-DEMO = {"data": {"source": "builtin:demo"}}
+DEMO = {"model": "builtin:tiny", "data": {"source": "builtin:demo"}}
 
 
 @pytest.fixture
@@ -61,6 +61,26 @@ def test_the_config_answer_holds_no_local_path_or_secret(relay_config, tmp_path)
     assert str(tmp_path) not in json.dumps(config_answer(local))
 
 
+def test_the_index_is_named_by_its_hash_and_no_local_path_leaks(relay_config, tmp_path):
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    data = relay_config.data.model_copy(update={"index": str(tmp_path / "danbooru.db"),
+                                                "json_source": str(tmp_path / "json" / "{post_id}.json")})
+    local = relay_config.model_copy(update={"data": data, "model": str(model_dir)})
+    answer = config_answer(local, "ab" * 32)
+    assert str(tmp_path) not in json.dumps(answer)
+    assert answer["config"]["data"]["index_sha256"] == "ab" * 32 and "index" not in answer["config"]["data"]
+    with serving({CONFIG_PATH: answer, PEERS_PATH: peers_answer(PEERS)}) as address:
+        with pytest.raises(ExchangeError, match="--set model=DIR"):
+            fetch_join_info(address)
+        info = fetch_join_info(address, {"model": str(tmp_path / "my-copy")})
+        assert info.config.model == str(tmp_path / "my-copy") and info.config.data.index_sha256 == "ab" * 32
+        assert info.config.data.index is None  # the joiner downloads the swarm's index from its relay
+    with serving({CONFIG_PATH: config_answer(relay_config), PEERS_PATH: peers_answer(PEERS)}) as address, \
+            pytest.raises(ExchangeError, match="a joiner cannot choose another model"):
+        fetch_join_info(address, {"model": "someone/else"})
+
+
 def test_a_folder_source_needs_the_joiners_own_copy(relay_config, tmp_path):
     local = relay_config.model_copy(update={"data": relay_config.data.model_copy(update={"source": str(tmp_path)})})
     with serving({CONFIG_PATH: config_answer(local), PEERS_PATH: peers_answer(PEERS)}) as address:
@@ -73,9 +93,9 @@ def test_a_folder_source_needs_the_joiners_own_copy(relay_config, tmp_path):
 @pytest.mark.parametrize(
     ("answers", "message"),
     [
-        ({CONFIG_PATH: {"protocol": 99, "version": "9.0", "config": {}}}, r"protocol 99, this node speaks 1"),
-({CONFIG_PATH: {"protocol": PROTOCOL, "config": {"model": "x", "lr": "fast", **DEMO}}}, r"key 'lr': value 'fast'"),
-        ({CONFIG_PATH: {"protocol": PROTOCOL, "config": {"model": "x", "evil": 1, **DEMO}}}, r"unknown key 'evil'"),
+        ({CONFIG_PATH: {"protocol": 99, "version": "9.0", "config": {}}}, r"protocol 99, this node speaks 2"),
+        ({CONFIG_PATH: {"protocol": PROTOCOL, "config": {"lr": "fast", **DEMO}}}, r"key 'lr': value 'fast'"),
+        ({CONFIG_PATH: {"protocol": PROTOCOL, "config": {"evil": 1, **DEMO}}}, r"unknown key 'evil'"),
         ({CONFIG_PATH: "<html>not json</html>"}, r"not JSON"),
         ({CONFIG_PATH: {"protocol": PROTOCOL}}, r"sent no training config"),
         ({PEERS_PATH: {"protocol": PROTOCOL, "peers": ["http://evil"]}}, r"no usable DHT addresses"),
@@ -83,7 +103,7 @@ def test_a_folder_source_needs_the_joiners_own_copy(relay_config, tmp_path):
     ],
 )
 def test_a_bad_relay_answer_is_refused_with_a_clear_message(answers, message):
-    good = {CONFIG_PATH: {"protocol": PROTOCOL, "config": {"model": "x", **DEMO}},
+    good = {CONFIG_PATH: {"protocol": PROTOCOL, "config": {**DEMO}},
             PEERS_PATH: peers_answer(PEERS)}
     with serving({**good, **answers}) as address, pytest.raises(ExchangeError, match=message):
         fetch_join_info(address)

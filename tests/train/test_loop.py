@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from sdswarm.swarm.settings import save_settings
 from sdswarm.train.checkpoint import load_training_state
 from sdswarm.train.loop import Trainer
 from tests.conftest import LOOPBACK, ROOT, tiny_overrides
+from tests.howto_bucket import howto_bucket
 
 
 def render(checkpoint) -> Image.Image:
@@ -142,3 +145,34 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_resume_fetches_nothing_already_cached_and_continues_in_the_same_round(tmp_path, caplog):
+    """The how-to's set-up (an HTTP bucket and its SQLite index): a resumed run takes its eval batches and the
+    round it stopped in from the work dir, and fetches none of the posts it already holds."""
+    with howto_bucket(tmp_path / "bucket", 48) as (bucket, template, index):
+        overrides = tiny_overrides(tmp_path / "out", **{"data.source": template, "data.index": str(index),
+                                                         "train.max_steps": 6, "output.checkpoint_every": 1000})
+        with caplog.at_level(logging.INFO):
+            run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides), settings=LOOPBACK)
+        assert "is the how-to's index (posts: post_id, ext, rating): converting it once" in caplog.text
+        saved = load_training_state(tmp_path / "out" / "checkpoints" / "step_00000006")["progress"]
+        assert saved["data_slot"] is not None
+        cached = {p.name for p in (tmp_path / "out" / "workdir").iterdir() if p.suffix == ".png"}
+        assert cached and (tmp_path / "out" / "eval_batches.pt").is_file()
+        hits_before = bucket.hits.copy()
+
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            summary = run_mother(load_config(ROOT / "configs" / "tiny.yaml", {**overrides, "train.max_steps": 10}),
+                                 settings=LOOPBACK, resume=True)
+        assert summary.progress.step == 10
+        fetched_again = {name.rsplit("/", 1)[1] for name, n in bucket.hits.items() if n > hits_before[name]}
+        assert not fetched_again & cached, f"fetched again after the resume: {sorted(fetched_again & cached)}"
+        resumed = re.search(rf"round {saved['data_round']} \(slot (\d+)\): \d+ of \d+ posts ready \((\d+) fetched",
+                            caplog.text)
+        assert resumed and int(resumed.group(1)) == saved["data_slot"] and resumed.group(2) == "0", caplog.text
+        assert "converting it once" not in caplog.text  # the converted index is reused
+        # no round before the one it stopped in is drawn again (for the eval batches or the bucket table)
+        drawn = {int(r) for r in re.findall(r"round (\d+) \(slot", caplog.text)}
+        assert saved["data_round"] > 0 and min(drawn) == saved["data_round"], (saved, drawn)

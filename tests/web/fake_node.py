@@ -134,7 +134,9 @@ class FakeNode:
                 "data": {"chunks": 2, "pairs_ready": 1900, "pairs_fetched": 1700, "pairs_cached": 200,
                          "discarded": {"bad image": 12, "empty caption": 3, "missing half": 1},
                          "bytes_fetched": 512_000_000, "cache_pairs": 1900, "cache_bytes": 800_000_000,
-                         "waited_s": 3.25, "workdir": str(self.output_dir / "workdir"), "note": self.leak},
+                         "waited_s": 3.25, "rejected_posts": 16, "skipped_rejected": 40,
+                         "last_rejected": ["5012: md5 mismatch", "4977: json unreadable (not JSON)"],
+                         "workdir": str(self.output_dir / "workdir"), "note": self.leak},
                 "join_command": f"sdswarm join 127.0.0.1:{self.join_port}",
                 "announced": ["/ip4/127.0.0.1/tcp/31337/p2p/QmMotherPeerIdentity000000000000000000000001"],
             }

@@ -50,6 +50,7 @@ class Fetched:
     image: bytes | None = None
     meta: bytes | None = None
     reason: str | None = None  # why the pair is discarded; None when both halves came
+    transient: bool = False  # the reason may pass (timeout, 5xx, connection): worth another try some day
     nbytes: int = 0  # bytes transferred for this pair
 
 
@@ -68,8 +69,13 @@ def fill(template: str, post: Post) -> str:
     return template.replace("{post_id}", str(post.post_id)).replace("{ext}", post.ext)
 
 
+def _standard(template: str) -> str:
+    return template.replace("{image_ext}", "{ext}")  # the how-to's spelling
+
+
 def templates_for(source: str, json_source: str | None = None) -> tuple[str, tuple[str, ...]]:
     """(image template, JSON templates tried in order) for a folder, a base URL or a URL template."""
+    source, json_source = _standard(source), json_source and _standard(json_source)
     if "{" in source and "{post_id}" not in source:
         raise ValueError(f"bucket location {source!r}: a template needs {{post_id}} (and {{ext}})")
     if is_url(source):
@@ -136,7 +142,8 @@ class Bucket:
         out = Fetched(post)
         for half, value in (("image", image), ("json", meta)):
             if isinstance(value, FetchError):
-                out.reason = out.reason or f"{half} {value.reason}"
+                if out.reason is None:
+                    out.reason, out.transient = f"{half} {value.reason}", value.retry
             elif isinstance(value, BaseException):
                 raise value
             else:
@@ -161,7 +168,7 @@ class Bucket:
                     fetched = await self.fetch_pair(session, post)
                 except Exception as exc:  # one odd post (a URL yarl refuses, ...) must not sink the chunk
                     log.warning("post %d: fetch failed: %r", post.post_id, exc)
-                    fetched = Fetched(post, reason=f"fetch error ({type(exc).__name__})")
+                    fetched = Fetched(post, reason=f"fetch error ({type(exc).__name__})", transient=True)
                 await handle(fetched)
 
         if not self.remote:

@@ -46,10 +46,28 @@ def _tag_count(post: Mapping[str, Any]) -> int | None:
     return len(post["tags"]) if isinstance(post.get("tags"), list) else None
 
 
+NOT_JSON = object()  # a dump line that does not parse
+
+
+def _posts_inside(record: Mapping[str, Any]) -> str | None:
+    """The key of a list of post-like objects in a wrapper such as e621's {"posts": [...]}."""
+    for key, value in record.items():
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) and "id" in v for v in value[:10]):
+            return key
+    return None
+
+
 def row_from_post(post: Any) -> tuple:
     """Danbooru API / gallery-dl / yearly-dump record -> row values (see COLUMNS); Skip if untrainable."""
+    if post is NOT_JSON:
+        raise Skip("not JSON")
     if not isinstance(post, Mapping):
-        raise Skip("bad record")
+        raise Skip(f"JSON of a shape we do not read ({type(post).__name__}, not a post object)")
+    if "id" not in post and (key := _posts_inside(post)):
+        raise Skip(f"JSON of a shape we do not read (an object holding {len(post[key])} posts under {key!r}: "
+                   "give the list itself, or one post per line)")
+    if isinstance(post.get("file"), Mapping) and "md5" not in post:
+        raise Skip("JSON of a shape we do not read (e621's post layout, file.md5 / file.ext: not Danbooru's)")
     post_id = _int(post.get("id"))
     if post_id is None or post_id < 0:
         raise Skip("no post id")
@@ -119,19 +137,29 @@ def _json_list_items(handle: IO[str], read_size: int = 1 << 16) -> Iterator[Any]
 
 def read_dump(path: Path) -> Iterator[Any]:
     """Records of a Danbooru metadata dump: a JSON list, or JSONL (API or yearly-dump objects); .gz too.
-    A line that is not JSON yields None (counted as a bad record)."""
+    A line that is not JSON yields NOT_JSON (counted); a pretty-printed object (an API page) is one record."""
     with _open_text(path) as handle:
         head = handle.read(4096)
         handle.seek(0)
         if head.lstrip().startswith("["):
             yield from _json_list_items(handle)
             return
+        first = True
         for line in handle:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    yield None
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                if first and line.lstrip().startswith("{"):  # one object over many lines, not JSONL
+                    handle.seek(0)
+                    try:
+                        yield json.loads(handle.read(_MAX_RECORD))
+                    except ValueError:
+                        yield NOT_JSON
+                    return
+                yield NOT_JSON
+            first = False
 
 
 def dump_rows(dump: Path, skipped: Counter[str]) -> Iterator[tuple]:

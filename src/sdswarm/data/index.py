@@ -14,9 +14,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdswarm.atomic import atomic_path, temp_path
 from sdswarm.data.dumps import COLUMNS, dump_rows, folder_records
@@ -54,18 +55,20 @@ class BuildReport:
 # --- building -----------------------------------------------------------------------------------------
 
 
-def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source: str) -> BuildReport:
+def _write_index(out: Path, rows: Iterable[tuple], skipped: Counter[str], source: str,
+                 extra_meta: Mapping[str, Any] | None = None) -> BuildReport:
     """Rows (any order, duplicates allowed) -> `out`, atomically: a crash leaves the old index or none."""
     # peers sharing a cache may build the same index at once: each writes its own temp files, the last rename wins
     with atomic_path(Path(out)) as tmp:
         staging = temp_path(Path(out))
         try:
-            return _fill_index(tmp, staging, rows, skipped, source)
+            return _fill_index(tmp, staging, rows, skipped, source, extra_meta or {})
         finally:
             staging.unlink(missing_ok=True)
 
 
-def _fill_index(tmp: Path, staging: Path, rows: Iterable[tuple], skipped: Counter[str], source: str) -> BuildReport:
+def _fill_index(tmp: Path, staging: Path, rows: Iterable[tuple], skipped: Counter[str], source: str,
+                extra_meta: Mapping[str, Any]) -> BuildReport:
     db = sqlite3.connect(tmp)
     try:
         db.executescript(f"""
@@ -97,7 +100,7 @@ def _fill_index(tmp: Path, staging: Path, rows: Iterable[tuple], skipped: Counte
         """)
         report = BuildReport(rows=inserted, skipped=dict(sorted(skipped.items())))
         meta = {"version": SCHEMA_VERSION, "rows": inserted, "skipped": report.skipped, "source": source,
-                "built": time.time()}
+                "built": time.time(), **extra_meta}
         db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.commit()
         db.execute("DETACH DATABASE staging")

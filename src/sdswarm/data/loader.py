@@ -40,6 +40,8 @@ class Chunks(Protocol):
 
     def stats(self) -> DataStats: ...
 
+    def slot_of(self, round_index: int) -> int | None: ...
+
     def close(self) -> None: ...
 
 
@@ -54,6 +56,9 @@ class FixedChunks:
 
     def stats(self) -> DataStats:
         return DataStats(pairs_ready=len(self._pairs))
+
+    def slot_of(self, round_index: int) -> int | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -125,6 +130,10 @@ class BatchStream:
 
     def stats(self) -> DataStats:
         return self.chunks.stats()
+
+    def slot_of(self, round_index: int) -> int | None:
+        """The data slot round `round_index` was drawn from (None: not drawn yet, or no shard plan)."""
+        return self.chunks.slot_of(round_index)
 
     def close(self) -> None:
         if self._pool is not None:

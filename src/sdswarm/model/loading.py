@@ -10,9 +10,18 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdswarm.config import ConfigError
 from sdswarm.model.tiny import TINY_MODEL_DIRNAME, build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,52 @@ def _resolve(model: str, cache_dir: Path | None) -> tuple[str, Path | None]:
             f"(expected {', '.join(SUBFOLDERS)}, e.g. from StableDiffusionPipeline.save_pretrained)"
         )
     return str(path), None
+
+
+# Hub ids withdrawn by their owners, and where a maintained copy lives.
+MAINTAINED_COPIES = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+class ModelUnavailable(ConfigError):
+    """The model cannot be loaded; one message names it, what was tried and what to do."""
+
+
+def check_model(model: str) -> None:
+    """Fail fast, before any swarm or data work, when `model` cannot be loaded: a local folder that is not a
+    diffusers SD folder, or a hub id the hub does not know (or cannot be asked about, with nothing cached)."""
+    if model == TINY_MODEL_ID:
+        return
+    if _is_local(model):
+        try:
+            _resolve(model, None)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ModelUnavailable(f"model: {exc}") from None
+        return
+    copy = MAINTAINED_COPIES.get(model)
+    hint = (f"; {model} was withdrawn from the hub by its owner: a maintained copy is {copy} "
+            f"(--set model={copy}, or model: \"{copy}\" in the config)") if copy else ""
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return  # in the local hub cache: loads without asking the hub
+    try:  # one question, no retries: the pipeline's index file, which from_pretrained reads first anyway
+        get_hf_file_metadata(hf_hub_url(model, "model_index.json"))
+    except GatedRepoError:
+        raise ModelUnavailable(f"model {model}: the hub says it is gated: accept its terms on "
+                               f"https://huggingface.co/{model} and log in (hf auth login), then start again"
+                               ) from None
+    except RepositoryNotFoundError:
+        raise ModelUnavailable(f"model {model}: the Hugging Face hub has no such repository (asked for "
+                               f"{model}/model_index.json){hint or '; check the id, or give a local diffusers folder'}"
+                               ) from None
+    except EntryNotFoundError:
+        raise ModelUnavailable(f"model {model}: the repository has no model_index.json, so it is not a diffusers "
+                               "Stable Diffusion pipeline; give an SD 1.x diffusers repository or folder") from None
+    except (RevisionNotFoundError, HfHubHTTPError) as exc:
+        raise ModelUnavailable(f"model {model}: the hub answered {model}/model_index.json with: {exc}{hint}") from None
+    except Exception as exc:  # no connection (the hub client's transport errors), offline mode
+        raise ModelUnavailable(
+            f"model {model}: the Hugging Face hub cannot be reached ({type(exc).__name__}: {exc}) and the model is "
+            f"not in the local hub cache (tried {model}/model_index.json): connect this machine to the internet, "
+            f"or point model at a local diffusers folder (--set model=/path/to/folder){hint}") from None
 
 
 def load_components(model: str, cache_dir: Path | None = None) -> SDComponents:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from sdswarm import __version__
 from sdswarm.config import Config, ConfigError, parse_config, set_dotted
 
-PROTOCOL = 1  # bump when the answers change shape; joiners refuse a relay that speaks another
+# bump when the answers change shape; joiners refuse a relay that speaks another (2: the index named by its hash)
+PROTOCOL = 2
 CONFIG_PATH = "/api/v1/config"
 PEERS_PATH = "/api/v1/peers"
 SWARM_PATH = "/api/v1/swarm"
@@ -31,19 +34,40 @@ LOCAL_KEYS: dict[str, Any] = {
 }
 
 
-def public_config(config: Config) -> dict[str, Any]:
+def public_config(config: Config, index_sha256: str | None = None) -> dict[str, Any]:
+    """The swarm's config as a relay serves it: the index named by its hash (joiners download it from the
+    relay, or check their own copy against it), and no path on this machine's disk."""
     view = config.model_dump(mode="json", exclude=LOCAL_KEYS)
-    if not _is_shared_source(config.data.source):
-        del view["data"]["source"]  # a folder on the mother's disk means nothing to another machine
+    data = view["data"]
+    del data["index"]  # a path here, or a URL: the hash says which index, the relay serves it
+    data["index_sha256"] = index_sha256 or config.data.index_sha256
+    for key in ("source", "json_source"):
+        if data[key] is not None and not _is_shared_location(data[key]):
+            del data[key]  # a folder on the mother's disk means nothing to another machine
+    if not _is_shared_model(config.model):
+        del view["model"]
     return view
 
 
-def _is_shared_source(source: str) -> bool:
-    return source.startswith(("builtin:", "http://", "https://"))
+def _is_shared_location(location: str) -> bool:
+    return location.startswith(("builtin:", "http://", "https://"))
 
 
-def config_answer(config: Config) -> dict[str, Any]:
-    return {"protocol": PROTOCOL, "version": __version__, "config": public_config(config)}
+def _is_shared_model(model: str) -> bool:
+    """A hub id or a builtin: the same on every machine (a folder path is not)."""
+    if model.startswith("builtin:"):
+        return True
+    if model.startswith((".", "/", "~")) or "\\" in model or Path(model).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
+
+
+def config_answer(config: Config, index_sha256: str | None = None) -> dict[str, Any]:
+    return {"protocol": PROTOCOL, "version": __version__, "config": public_config(config, index_sha256)}
 
 
 def peers_answer(visible_maddrs: list[str]) -> dict[str, Any]:
@@ -88,12 +112,20 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
     config = config_data.get("config")
     if not isinstance(config, dict):
         raise ExchangeError(f"relay {url} sent no training config in {CONFIG_PATH}")
+    if "model" in (local_overrides or {}) and "model" in config:
+        raise ExchangeError(f"the swarm at {url} trains {config['model']}: a joiner cannot choose another model "
+                            "(model is a joiner's own only when the swarm's is a folder on its mother's disk)")
     for dotted, value in (local_overrides or {}).items():
         set_dotted(config, dotted, value)
     if "source" not in config.get("data", {}):
         raise ExchangeError(
             f"the swarm at {url} trains on a folder on its mother's disk; give this node its own copy of the data "
             "with --set data.source=DIR (or run the swarm on a shared bucket)"
+        )
+    if "model" not in config:
+        raise ExchangeError(
+            f"the swarm at {url} trains a model from a folder on its mother's disk; give this node its own copy "
+            "with --set model=DIR (a diffusers folder)"
         )
     try:
         parsed = parse_config(config, source=f"training config from relay {url}")

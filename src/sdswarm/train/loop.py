@@ -42,6 +42,7 @@ class Progress:
     samples_seen: int = 0
     data_round: int = 0  # where the batch stream resumes: the round, and the batch in it
     data_batch: int = 0
+    data_slot: int | None = None  # the shard-plan slot the current round was drawn from
     skipped_steps: int = 0  # non-finite loss or fp16 overflow
     loss: float = math.nan
     loss_avg: float = math.nan  # exponential moving average of the loss
@@ -122,6 +123,7 @@ class Trainer:
                     self.after_first_step()
                 p.samples_seen += len(batch.captions)
                 p.data_round, p.data_batch = data_round, data_batch + 1
+                p.data_slot = self.stream.slot_of(data_round)
                 window_samples += len(batch.captions)
                 self._record_loss(loss)
                 if p.step % output.log_every == 0 or p.step == train.max_steps:
@@ -266,7 +268,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         p = self.progress
         return {
-            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_round", "data_batch",
+            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_round", "data_batch", "data_slot",
                                                      "skipped_steps", "loss_avg")},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),

@@ -217,13 +217,19 @@ const DATA_LABELS = {
   pairs_ready: "pairs ready for training", pairs_fetched: "pairs fetched", pairs_cached: "pairs from the cache",
   chunks: "chunks prepared", bytes_fetched: "downloaded", cache_pairs: "pairs in the cache",
   cache_bytes: "cache size", waited_s: "training waited for data (s)",
+  rejected_posts: "posts remembered as rejected", skipped_rejected: "rejected posts skipped unfetched",
+  last_rejected: "newest rejections (post: reason)",
 };
 
 function renderData(data) {
   const rows = [];
   for (const [key, value] of Object.entries(data || {})) {
     const label = DATA_LABELS[key] || key.replaceAll("_", " ");
-    if (value && typeof value === "object" && !Array.isArray(value)) {
+    if (Array.isArray(value)) {  // e.g. the newest rejections, "post id: reason"
+      if (!value.length) continue;
+      rows.push(row([label, ""], [null, "num"]));
+      value.forEach((line) => rows.push(row([`· ${line}`, ""], ["sub", "num"])));
+    } else if (value && typeof value === "object") {
       const entries = Object.entries(value);
       const total = entries.reduce((sum, [, n]) => sum + (typeof n === "number" ? n : 0), 0);
       rows.push(row([label, fmt(total)], [null, "num"]));
