@@ -39,6 +39,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output")
     parser.add_argument("--max-steps", type=int, help="stop after this many local steps (train.max_steps)")
     parser.add_argument("--output", help="this node's folder: checkpoints, samples, node settings, identity")
+    parser.add_argument("--log-with", action="append", choices=("tensorboard", "wandb"), metavar="TRACKER",
+                        help="also send metrics to tensorboard or wandb (output.log_with; repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set swarm.target_batch_size=64 (repeatable)")
 
@@ -115,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["train.max_steps"] = args.max_steps
         if args.output is not None:
             overrides["output.dir"] = args.output
+        if args.log_with:
+            overrides["output.log_with"] = args.log_with
         join_address = args.address if args.command == "join" else getattr(args, "join", None)
         if join_address is not None:
             return join(join_address, overrides, resume=args.resume)

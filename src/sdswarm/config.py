@@ -138,6 +138,9 @@ class OutputConfig(Section):
     sample_steps: Annotated[int, Field(ge=1, le=200)] = 25
     sample_guidance: Annotated[float, Field(ge=1, le=30)] = 7.0
     log_every: PositiveInt = 10
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also send the metrics to TensorBoard (OUTPUT/tensorboard) and/or Weights "
+        "& Biases; needs the extra: pip install 'sdswarm[tensorboard]' / 'sdswarm[wandb]'")
 
 
 class SwarmConfig(Section):

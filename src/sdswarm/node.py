@@ -22,6 +22,7 @@ from typing import Literal
 
 import hivemind
 import torch
+from PIL import Image
 
 from sdswarm.atomic import write_atomic
 from sdswarm.config import Config, LoraConfig, Precision, SwarmConfig
@@ -51,9 +52,11 @@ from sdswarm.swarm.telemetry import (
     wait_for_progress_from,
 )
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
+from sdswarm.train.colour_check import check_grid
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.loop import Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss, half_dtype
+from sdswarm.train.trackers import open_trackers
 from sdswarm.web.app import create_app
 from sdswarm.web.auth import load_or_create_token
 from sdswarm.web.log_tail import LogTail
@@ -255,7 +258,8 @@ def open_output(config: Config, resume: bool) -> tuple[Checkpoints, Path | None]
     out = config.output.dir
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", config.to_yaml().encode("utf-8"))
-    checkpoints = Checkpoints(out / "checkpoints", keep=config.output.keep_checkpoints, config_yaml=config.to_yaml())
+    checkpoints = Checkpoints(out / "checkpoints", keep=config.output.keep_checkpoints, config_yaml=config.to_yaml(),
+                              train_text_encoder=config.train_text_encoder)
     resume_from = checkpoints.latest() if resume else None
     if resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
@@ -293,7 +297,11 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
         latent_cache=latent_cache(config), stream=stream, optimizer=optimizer, checkpoints=checkpoints,
         device=device, train=config.train, output=config.output, precision=config.precision, ucg=config.ucg,
         resolution=config.resolution, seed=seed, lora_base=lora_base,
+        trackers=open_trackers(config.output.log_with, config.output.dir, config.swarm.run_id,
+                               config.model_dump(mode="json")),
     )
+    for tracker in trainer.trackers:
+        cleanup.callback(tracker.close)
     if resume_from is not None and state is not None:
         trainer.load_state_dict(state)
         log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
@@ -330,7 +338,19 @@ def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchSt
     summary.eval_loss_end = eval_loss()
     log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
              summary.eval_loss_start, summary.eval_loss_end, summary.progress.step, summary.progress.skipped_steps)
+    if trainer.last_samples is not None:
+        report_samples(trainer.last_samples, trainer.output.sample_prompts, trainer.resolution)
     return summary
+
+
+def report_samples(grid: Path, prompts: Sequence[str], size: int) -> None:
+    """Where the last grid is, and for the demo's prompts whether each sample shows its colours."""
+    checks = check_grid(Image.open(grid), prompts, size, size)
+    if not checks:
+        log.info("samples: %s", grid)
+        return
+    log.info("samples: %s: %d of %d prompts show their shape's colour in the centre and the background at the "
+             "border\n  %s", grid, sum(c.ok for c in checks), len(checks), "\n  ".join(c.describe() for c in checks))
 
 
 def load_eval_batches(path: Path, stream: BatchStream, data_round: int) -> list[Batch]:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from sdswarm.atomic import atomic_path
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, load_components
-from sdswarm.train.checkpoint import STATE_FILE, load_training_state
+from sdswarm.train.checkpoint import STATE_FILE, checkpoint_step, load_training_state
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +178,17 @@ def export_single_file(checkpoint_dir: str | Path, out_path: str | Path, use_ema
     """
     checkpoint_dir = Path(checkpoint_dir)
     components = load_components(str(checkpoint_dir))
-    state = load_training_state(checkpoint_dir) if (checkpoint_dir / STATE_FILE).is_file() else {}
     if use_ema:
+        # memory-mapped: of a state file several times the model's size, only the EMA tensors are read
+        state = load_training_state(checkpoint_dir, mmap=True) if (checkpoint_dir / STATE_FILE).is_file() else {}
         if state.get("ema") is None:
             raise ValueError(f"{checkpoint_dir} holds no EMA weights (the run had use_ema: False, or this is not "
                              "a training checkpoint); export without EMA")
         swap_in_ema(components, state["ema"])
+        del state
     metadata = {"sdswarm.checkpoint": checkpoint_dir.name, "sdswarm.ema": str(use_ema).lower()}
-    if "progress" in state:
-        metadata["sdswarm.step"] = str(state["progress"]["step"])
+    if (step := checkpoint_step(checkpoint_dir)) is not None:
+        metadata["sdswarm.step"] = str(step)
     path = save_single_file(components, out_path, half=half, metadata=metadata)
     log.info("exported %s (%s weights) to %s", checkpoint_dir, "EMA" if use_ema else "trained", path)
     return path

@@ -28,6 +28,7 @@ from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
 from sdswarm.train.step import diffusion_loss, encode_latents, half_dtype
+from sdswarm.train.trackers import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Trainer:
         resolution: int,
         seed: int,
         lora_base: BaseIdentity | None = None,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         """`trainable`: what hivemind steps (LoRA: the adapters only, on the base named by `lora_base`)."""
         self.components, self.encoder, self.trainable = components, encoder, list(trainable)
@@ -91,6 +93,8 @@ class Trainer:
         self.train, self.output, self.precision, self.ucg, self.resolution, self.seed = (
             train, output, precision, ucg, resolution, seed)
         self.output_dir, self.lora_base = Path(output.dir), lora_base
+        self.trackers = list(trackers)  # TensorBoard, W&B: the metrics.jsonl figures, and the sample grids
+        self.last_samples: Path | None = None  # the newest sample grid
         # prepare_model decided it: the text encoder trains when its parameters require grad
         self.train_text_encoder = any(p.requires_grad for p in components.text_encoder.parameters())
         self.noise_generator = torch.Generator(device).manual_seed(seed)
@@ -139,14 +143,15 @@ class Trainer:
         except BaseException:
             log.exception("training stopped by an error at step %d; saving a checkpoint", p.step)
             with contextlib.suppress(Exception):
-                self.save_checkpoint()
+                self.save_checkpoint(wait=True)
             raise
         finally:
             bar.close()
         if stop.is_set():
             log.info("stop requested at step %d: saving a checkpoint", p.step)
-        self.save_checkpoint()
-        self.save_samples()
+        self.save_checkpoint(wait=True)
+        if self.last_samples is None or self.last_samples.name != f"step_{p.step:08d}.png":  # not just made
+            self.save_samples()
         return p
 
     def finished(self) -> bool:
@@ -195,12 +200,20 @@ class Trainer:
 
     # --- outputs ----------------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, *, wait: bool = False) -> Path | None:
+        """Training waits only while the weights and state are copied; the folder is written in the background.
+        wait=True (at the end of a run, on stop): return once it is on disk."""
         if self.progress.step == self._last_saved_step:
+            if wait:
+                self.checkpoints.wait()
+                self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
             return None
         with global_weights(self.optimizer):  # DiLoCo: the swarm's weights, not this peer's local phase
+            # copied here; the folder is written from the copy in the background
             path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(),
                                          lora_base=self.lora_base)
+        if wait:
+            self.checkpoints.wait()
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path
@@ -213,7 +226,10 @@ class Trainer:
                 self.components, self.encoder, out.sample_prompts, width=self.resolution, height=self.resolution,
                 steps=out.sample_steps, guidance=out.sample_guidance, seed=self.seed,
             )
-        return save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
+        path = save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
+        self.last_samples = path
+        self._track(lambda tracker: tracker.log_image("samples", grid, self.progress.step))
+        return path
 
     def _record_loss(self, loss: float) -> None:
         p = self.progress
@@ -225,6 +241,7 @@ class Trainer:
         p, tracker = self.progress, self.optimizer.tracker
         p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
         p.swarm_samples = tracker.global_progress.samples_accumulated
+        p.checkpoints = [c.name for c in self.checkpoints.all()]  # a background write may have finished since
         p.target_batch_size = self.optimizer.target_batch_size  # DiLoCo's follows the number of peers
         bar.set_postfix(
             loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
@@ -234,6 +251,7 @@ class Trainer:
         record = p.snapshot()
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self._track(lambda tracker: tracker.log(record, p.step))
         if not bar.disable and bar.fp.isatty():
             return
         log.info(
@@ -241,6 +259,13 @@ class Trainer:
             p.step, p.loss, p.loss_avg, p.samples_per_second, p.local_epoch, p.swarm_epoch,
             p.swarm_samples, p.target_batch_size,
         )
+
+    def _track(self, send: Callable[[Tracker], None]) -> None:
+        for tracker in self.trackers:
+            try:
+                send(tracker)
+            except Exception as exc:  # a tracker's trouble (e.g. W&B offline) must not stop training
+                log.warning("%s could not log: %s", type(tracker).__name__, exc)
 
     # --- resume -----------------------------------------------------------------------------------------
 

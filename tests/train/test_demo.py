@@ -1,0 +1,46 @@
+"""`make demo` convinces: its last sample grid shows each prompt's colours, where the untrained model's does not.
+
+This is the demo itself (configs/tiny.yaml, same code path as every run), so it trains for minutes; one test.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from sdswarm.config import load_config
+from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from sdswarm.model.text import PromptEncoder
+from sdswarm.node import run_mother
+from sdswarm.train.colour_check import check_grid, shows_its_prompts
+from sdswarm.train.samples import render_grid
+from tests.conftest import LOOPBACK, ROOT
+
+
+def grid_checks(grid: Image.Image, config) -> list:
+    return check_grid(grid, config.output.sample_prompts, config.resolution, config.resolution)
+
+
+@pytest.mark.demo
+@pytest.mark.xfail(strict=True, reason="issue #14 part 1 is open: after the demo's 300 steps the samples are flat "
+                   "colour regions that ignore the prompt (conditioning not yet learned); remove this mark when "
+                   "the demo passes")
+def test_the_demo_grid_shows_the_prompts_colours_and_the_untrained_one_does_not(tmp_path, capsys):
+    config = load_config(ROOT / "configs" / "tiny.yaml", {"output.dir": str(tmp_path),
+                                                           "output.checkpoint_every": 100000})
+    out = config.output
+    untrained = load_components(TINY_MODEL_ID)
+    encoder = PromptEncoder(untrained.tokenizer, untrained.text_encoder, config.extended_chunks,
+                            config.clip_penultimate)
+    before = grid_checks(render_grid(untrained, encoder, out.sample_prompts, width=config.resolution,
+                                     height=config.resolution, steps=out.sample_steps, guidance=out.sample_guidance,
+                                     seed=config.seed), config)
+    assert len(before) == len(out.sample_prompts) >= 3, "the demo's prompts are one shape on one background"
+    assert not shows_its_prompts(before), [c.describe() for c in before]
+
+    summary = run_mother(config, settings=LOOPBACK)
+    final = tmp_path / "samples" / f"step_{summary.progress.step:08d}.png"
+    after = grid_checks(Image.open(final), config)
+    with capsys.disabled():
+        print(f"\ndemo grid {final}:\n  " + "\n  ".join(c.describe() for c in after))
+    assert shows_its_prompts(after), [c.describe() for c in after]
