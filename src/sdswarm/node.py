@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -125,12 +126,33 @@ def stop_on_signals(*events: threading.Event) -> Iterator[None]:
             event.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    global _stopping_pid
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    _stopping_pid = os.getpid()
     try:
         yield
     finally:
+        _stopping_pid = None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stopping_pid: int | None = None  # the process whose stop_on_signals is active
+
+
+def _children_leave_stop_signals_to_the_parent() -> None:
+    """In a forked child (hivemind's DHT and averagers, and their p2pd): ignore Ctrl-C and SIGTERM.
+
+    A terminal's Ctrl-C and a group's SIGTERM reach every process of the node. The parent finishes its step
+    with the children's help, then ends them in order (stop_dht, optimizer.shutdown, reap_children); a child
+    that ran the parent's handler or died at once would stall that stop for its grace periods."""
+    if _stopping_pid is not None and os.getpid() != _stopping_pid:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_children_leave_stop_signals_to_the_parent)
 
 
 @dataclass

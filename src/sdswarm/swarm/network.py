@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio.subprocess
 import contextlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 
 import hivemind
 import psutil
@@ -21,17 +23,39 @@ def start_dht(
     identity_path: str | None = None,
 ) -> hivemind.DHT:
     """Start this node's DHT; alone (no initial peers) it is the first node of a new swarm."""
-    dht = hivemind.DHT(
-        initial_peers=list(initial_peers),
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) or None,
-        client_mode=client_mode,
-        identity_path=identity_path,
-        start=True,
-    )
+    with _p2p_daemon_in_its_own_session():
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) or None,
+            client_mode=client_mode,
+            identity_path=identity_path,
+            start=True,
+        )
     addresses = [str(addr) for addr in dht.get_visible_maddrs()]
     log.info("DHT started (peer id %s); reachable at: %s", dht.peer_id, ", ".join(addresses) or "(client mode)")
     return dht
+
+
+@contextlib.contextmanager
+def _p2p_daemon_in_its_own_session() -> Iterator[None]:
+    """The DHT process (forked here) starts hivemind's p2pd: start it in a session of its own.
+
+    A group's SIGTERM (systemd, a test, `kill -- -PGID`) would kill p2pd at once, the Go default, and the node
+    could then neither finish its last averaging round nor say goodbye to its peers. stop_dht and reap_children
+    still end it (it stays this node's child), and a p2pd whose node was killed exits when idle (30 s)."""
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def create(program, *args, **kwargs):
+        if os.path.basename(str(program)) == "p2pd":
+            kwargs.setdefault("start_new_session", True)
+        return await original(program, *args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = create
+    try:
+        yield
+    finally:  # the forked DHT process keeps its own copy of the patch
+        asyncio.subprocess.create_subprocess_exec = original
 
 
 def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from functools import partial
 
 import hivemind
 import numpy as np
 import torch
+from hivemind.optim.grad_averager import GradientAverager
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
@@ -126,6 +128,9 @@ def make_optimizer(
         allreduce_timeout=swarm.allreduce_timeout,
         load_state_timeout=swarm.load_state_timeout,
         average_state_every=swarm.average_state_every,
+        # every averager forms its groups with the same request_timeout, below matchmaking_time (config.py checks)
+        averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout),
+        grad_averager_factory=partial(GradientAverager, request_timeout=swarm.matchmaking_request_timeout),
         grad_compression=compression,
         state_averaging_compression=compression,
         # hivemind.Optimizer drops a given client_mode in favour of None; pass the DHT's own explicitly
