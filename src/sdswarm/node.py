@@ -36,12 +36,14 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
+from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint
 from sdswarm.swarm.network import reap_children, start_dht, stop_dht
-from sdswarm.swarm.optimizer import make_optimizer
+from sdswarm.swarm.optimizer import check_compression, make_optimizer, withdraw_progress
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import (
     PeerMetrics,
     Publisher,
+    read_fingerprints,
     read_peers,
     read_swarm,
     wait_for_peers,
@@ -225,6 +227,11 @@ def run_node(
             optimizer_8bit=config.train.optimizer_8bit,
         )
         cleanup.callback(optimizer.shutdown)
+        rounds = RoundLog(out / "metrics.jsonl", values=sum(p.numel() for p in trainable),
+                          bytes_per_value=check_compression(config.swarm.compression)[0])
+        health = SwarmHealth(optimizer, rounds, WeightFingerprint(trainable, seed=config.seed),
+                             peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id)).attach()
+        cleanup.callback(health.detach)
         trainer = Trainer(
             components=components, encoder=encoder, train_text_encoder=config.train_text_encoder,
             stream=stream, optimizer=optimizer, trainable=trainable,
@@ -245,7 +252,7 @@ def run_node(
         address = start_http(config, settings, dht, controls, cleanup)
         display_role = "mother" if role == "mother" else settings.mode
         publisher = Publisher(dht, config.swarm.run_id, lambda: peer_metrics(
-            trainer.progress, peer_id, display_role, address, stream.chunks.slot))
+            trainer.progress, peer_id, display_role, address, stream.chunks.slot, controls.state, health))
         publisher.start()
         cleanup.callback(publisher.stop)
 
@@ -277,6 +284,8 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
         if controls.quit.is_set() or not controls.stop_training.is_set():
             return  # a signal, or max_steps / max_epochs reached
         controls.state = "stopped"
+        trainer.progress.samples_per_second = 0.0
+        withdraw_progress(trainer.optimizer)
         log.info("training stopped from the UI at step %d; start it again there, or Ctrl-C to quit",
                  trainer.progress.step)
         while not (controls.resume.wait(1.0) or controls.quit.is_set()):
@@ -338,12 +347,14 @@ def demo_dir() -> Path:
     return default_cache_dir() / "demo-v1"
 
 
-def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None,
-                 data_slot: int | None) -> PeerMetrics:
+def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None, data_slot: int | None,
+                 state: str = "training", health: SwarmHealth | None = None) -> PeerMetrics:
     loss = progress.loss_avg if math.isfinite(progress.loss_avg) else None
-    return PeerMetrics(peer_id=peer_id, role=role, address=address, step=progress.step,
-                       samples_seen=progress.samples_seen, loss=loss, samples_per_second=progress.samples_per_second,
-                       local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time())
+    return PeerMetrics(peer_id=peer_id, role=role, state=state, address=address, step=progress.step,
+                       samples_seen=progress.samples_seen, loss=loss,
+                       samples_per_second=progress.samples_per_second if state == "training" else 0.0,
+                       local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time(),
+                       **(health.published() if health is not None else {}))
 
 
 def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:

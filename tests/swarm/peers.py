@@ -68,7 +68,14 @@ class Peer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in self.records() if "step" in r]  # the trainer's lines (not rounds, not swarm steps)
+
+    def records(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def rounds(self) -> list[dict]:
+        return [r["round"] for r in self.records() if "round" in r]
 
     def step(self) -> int:
         metrics = self.metrics()

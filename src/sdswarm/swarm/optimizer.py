@@ -9,7 +9,6 @@ from functools import partial
 import hivemind
 import numpy as np
 import torch
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
@@ -18,6 +17,7 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
+from hivemind.optim.grad_averager import GradientAverager
 
 from sdswarm.config import SwarmConfig
 
@@ -169,3 +169,15 @@ def _undo_virtual_step(optimizer: hivemind.Optimizer) -> None:
     for copy, main in zip(copies, optimizer.state_averager.main_parameters, strict=True):
         if copy is not main:  # offloaded: the optimizer steps its own copy and writes it back
             copy.copy_(main)
+
+
+def withdraw_progress(optimizer: hivemind.Optimizer) -> None:
+    """A peer that pauses (stopped from its UI) takes its samples and its throughput out of the swarm's progress:
+    the others no longer count them toward the target nor expect its next samples. Its accumulated gradients,
+    trained on weights that will be stale when it resumes, are dropped."""
+    tracker = optimizer.tracker
+    if optimizer.grad_averager is not None:
+        optimizer.grad_averager.reset_accumulated_grads_()
+    ema = tracker.performance_ema
+    ema.samples_per_second, ema.ema_seconds_per_sample, ema.num_updates = ema.eps, 0.0, 0
+    tracker.report_local_progress(optimizer.local_epoch, samples_accumulated=0)

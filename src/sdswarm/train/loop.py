@@ -123,6 +123,7 @@ class Trainer:
                     self.after_first_step()
                 p.samples_seen += len(batch.captions)
                 p.data_pass, p.data_batch = data_pass, data_batch + 1
+                self._read_swarm_progress()  # every step: telemetry publishes these more often than log_every
                 window_samples += len(batch.captions)
                 self._record_loss(loss)
                 if p.step % s.log_every == 0 or p.step == s.max_steps:
@@ -220,10 +221,14 @@ class Trainer:
         if math.isfinite(loss):
             p.loss_avg = loss if math.isnan(p.loss_avg) else 0.95 * p.loss_avg + 0.05 * loss
 
-    def _publish(self, bar: tqdm) -> None:
+    def _read_swarm_progress(self) -> None:
         p, tracker = self.progress, self.optimizer.tracker
         p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
-        p.swarm_samples = tracker.global_progress.samples_accumulated
+        # what is past the target goes into a step that is due already: never shown as more than the target
+        p.swarm_samples = min(tracker.global_progress.samples_accumulated, p.target_batch_size)
+
+    def _publish(self, bar: tqdm) -> None:
+        p = self.progress
         bar.set_postfix(
             loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
             epoch=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
