@@ -65,9 +65,6 @@ class Peer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def metrics(self) -> list[dict]:
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return []
         return [r for r in self.records() if "step" in r]  # the trainer's lines (not rounds, not swarm steps)
 
     def records(self) -> list[dict]:

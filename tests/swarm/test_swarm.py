@@ -45,6 +45,10 @@ def test_three_peers_train_one_model(peers):
         assert peer.wait_exit(timeout=400) == 0, peer.log()[-4000:]
 
     assert any("Averaged gradients with 3 peers" in peer.log() for peer in everyone), "no round with all three"
+    # the rounds are data: each peer's metrics.jsonl holds them, with their group and bytes
+    rounds = [r for peer in everyone for r in peer.rounds()]
+    assert any(r["kind"] == "gradients" and r["outcome"] == "complete" and r["group_size"] == 3
+               and r["bytes_sent"] > 0 for r in rounds), rounds
     for joiner in joiners:  # the demo is a real bucket: joiners fetch its files from the relay they joined
         assert f"files from Bucket('http://{mother.address}/api/v1/data/" in joiner.log()
     for peer in everyone:

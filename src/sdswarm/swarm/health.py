@@ -148,6 +148,19 @@ def spread(fingerprints: dict[str, list[FingerprintEntry]]) -> tuple[int, float,
     return step, widest, distances
 
 
+def finish_pending_rounds(optimizer: hivemind.Optimizer) -> None:
+    """Wait for the parameter round hivemind runs in the background after a swarm step, and apply its result.
+
+    Without this a peer that stops right after a swarm step (train.max_epochs, a signal) saves the weights it had
+    before the swarm averaged them: the round that would merge a peer's step on local gradients (after a failed
+    gradient round) lands after the checkpoint, and the peers end as different models."""
+    averager = getattr(optimizer, "state_averager", None)
+    if averager is None or not averager.pending_updates:
+        return
+    log.info("waiting for the swarm's last parameter round before saving")
+    averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+
+
 class SwarmHealth:
     """Watches one hivemind.Optimizer: records its rounds, the gradient norm and a fingerprint per swarm step,
     and re-syncs this peer from the others when it has drifted away from them."""

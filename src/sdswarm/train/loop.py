@@ -22,6 +22,7 @@ from sdswarm.data.loader import Batch, BatchStream
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
 from sdswarm.model.text import PromptEncoder, drop_captions
+from sdswarm.swarm.health import finish_pending_rounds
 from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
@@ -146,6 +147,7 @@ class Trainer:
             bar.close()
         if stop.is_set():
             log.info("stop requested at step %d: saving a checkpoint", p.step)
+        finish_pending_rounds(self.optimizer)  # every peer saves the weights the swarm averaged last
         self.save_checkpoint()
         self.save_samples()
         return p
