@@ -13,6 +13,7 @@ import yaml
 
 from sdswarm.config import ConfigError, load_config
 from sdswarm.data.index import add_build_arguments, build_index_cli
+from sdswarm.logs import setup_logging
 
 log = logging.getLogger("sdswarm")
 
@@ -40,6 +41,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="this node's folder: checkpoints, samples, node settings, identity")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set swarm.target_batch_size=64 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="hivemind's progress lines on the terminal too (they are always in OUTPUT/node.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "status":
             return show_status(args.address)

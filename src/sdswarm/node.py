@@ -31,6 +31,7 @@ from sdswarm.data.chunks import open_chunks
 from sdswarm.data.demo import BUILTIN_DEMO
 from sdswarm.data.loader import BatchStream, CaptionShuffle
 from sdswarm.data.shards import choose_slot
+from sdswarm.logs import attach_log_file, detach_log_file
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, default_cache_dir, load_components
@@ -198,6 +199,7 @@ def run_node(
 
     stop_training, quit_node = threading.Event(), threading.Event()
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
+        cleanup.callback(detach_log_file, attach_log_file(out))  # before any fork: the children log there too
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
         dht = start_dht(initial_peers=initial_peers, host_maddrs=settings.dht_host_maddrs(),

@@ -37,7 +37,8 @@ def free_port() -> int:
 
 
 class Peer:
-    def __init__(self, name: str, folder: Path, *, join: str | None = None, max_steps: int = 40, **sets) -> None:
+    def __init__(self, name: str, folder: Path, *, join: str | None = None, max_steps: int = 40,
+                 verbose: bool = True, **sets) -> None:
         self.name, self.out, self.join = name, folder / name, join
         self.port = free_port()
         save_settings(NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=self.port,
@@ -47,6 +48,7 @@ class Peer:
         all_sets = {**shared, "output.dir": str(self.out), "train.max_steps": max_steps, **sets}
         self.args = ["-m", "sdswarm"] + (["join", join] if join else ["mother", "configs/tiny.yaml"])
         self.args += [f"--set={key}={value}" for key, value in all_sets.items()]
+        self.args += ["--verbose"] if verbose else []  # the tests read hivemind's lines too
         self.log_path = folder / f"{name}.log"
         self.process: subprocess.Popen | None = None
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import re
 import signal
+import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -108,3 +110,25 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     for peer in (late, newcomer):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
+
+
+def test_a_stop_stops_every_process_within_seconds_and_the_terminal_stays_readable(peers):
+    mother = peers("mother", max_steps=100_000, verbose=False).start()
+    mother.wait_until(lambda: mother.step() >= 4, "training", timeout=300)
+    # DHT, averagers, p2pd (torch's shm manager is torch's own: it leaves when its clients have)
+    family = [p for p in psutil.Process(mother.process.pid).children(recursive=True) if p.name() != "torch_shm_manager"]
+    assert any(p.name() == "p2pd" for p in family)
+
+    started = time.monotonic()
+    mother.signal(signal.SIGTERM)  # to the whole group, as a terminal's Ctrl-C or systemd does
+    assert mother.wait_exit(timeout=120) == 0
+    took = time.monotonic() - started
+    _, left = psutil.wait_procs(family, timeout=2)
+    assert not left, f"left behind: {[(p.pid, p.name()) for p in left]}"
+    assert took < 20, f"a stop took {took:.1f} s"  # a few seconds idle: the step, a checkpoint, samples, eval
+    terminal = mother.log()
+    assert terminal.count("SIGTERM received") == 1, "a child process ran the node's signal handler"
+    for noise in ("grace period", "killing it", "Task was destroyed", "Traceback"):
+        assert noise not in terminal, noise
+    # hivemind's chatter is in the output folder's log, not on the terminal
+    assert "accumulated" not in terminal and "accumulated" in (mother.out / "node.log").read_text()
