@@ -45,6 +45,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hivemind's progress lines on the terminal too (they are always in OUTPUT/node.log)")
 
 
+def add_rejoin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", action="append", default=[], metavar="ADDRESS",
+                        help="rejoin a running swarm: a relay's HOST:PORT or a DHT multiaddr (repeatable); with "
+                             "--resume the peers this node last saw (OUTPUT/peers) are tried too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdswarm", description="Fine-tune Stable Diffusion together with hivemind.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     mother = commands.add_parser("mother", help="start the first node of a swarm and train")
     mother.add_argument("config", help="YAML training config, e.g. configs/sd_1-5.yaml")
     add_training_arguments(mother)
+    add_rejoin_argument(mother)
 
     join = commands.add_parser("join", help="join a swarm through any relay and train with it")
     join.add_argument("address", help="a relay's I.E address, HOST:PORT (the command a relay prints)")
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("-m", "--mother", metavar="CONFIG", help="start in mother mode with CONFIG")
     start.add_argument("-j", "--join", metavar="ADDRESS", help="join the swarm through the relay at ADDRESS")
     add_training_arguments(server)
+    add_rejoin_argument(server)
 
     status = commands.add_parser("status", help="show a swarm: peers, throughput, progress toward the target batch")
     status.add_argument("address", help="a relay's I.E address, HOST:PORT")
@@ -116,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sdswarm.node import run_mother  # heavy imports only once the config is known to be good
 
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
-    run_mother(config, resume=args.resume)
+    run_mother(config, resume=args.resume, peers=args.peers)
     return 0
 
 

@@ -38,10 +38,19 @@ from sdswarm.model.loading import SDComponents, default_cache_dir, load_componen
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, peers_answer
 from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint
-from sdswarm.swarm.network import reap_children, start_dht, stop_dht
+from sdswarm.swarm.network import (
+    connected_peer_addresses,
+    reap_children,
+    remember_peers,
+    remembered_peers,
+    start_dht,
+    start_dht_rejoining,
+    stop_dht,
+)
 from sdswarm.swarm.optimizer import check_compression, make_optimizer, withdraw_progress
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import (
+    GONE_AFTER,
     PeerMetrics,
     Publisher,
     read_fingerprints,
@@ -173,9 +182,15 @@ def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{run_seed}:{peer_id}".encode()).digest()[:4], "big")
 
 
-def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False) -> RunSummary:
-    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_epochs or a signal."""
-    return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume)
+def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False,
+               peers: Sequence[str] = ()) -> RunSummary:
+    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_epochs or a signal.
+
+    A mother that restarts rejoins the swarm it left: it tries `peers` (relays' I.E addresses or DHT multiaddrs)
+    and, with `resume`, the peers it last saw (OUTPUT/peers), before starting alone."""
+    known = [*peers, *(remembered_peers(config.output.dir) if resume else [])]
+    return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume,
+                    rejoin=known)
 
 
 def run_node(
@@ -184,6 +199,7 @@ def run_node(
     role: Literal["mother", "joiner"],
     settings: NodeSettings,
     initial_peers: Sequence[str] = (),
+    rejoin: Sequence[str] = (),
     resume: bool = False,
     demo_mirror: str | None = None,
 ) -> RunSummary:
@@ -202,9 +218,10 @@ def run_node(
         cleanup.callback(detach_log_file, attach_log_file(out))  # before any fork: the children log there too
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
-        dht = start_dht(initial_peers=initial_peers, host_maddrs=settings.dht_host_maddrs(),
-                        announce_maddrs=settings.dht_announce_maddrs(), client_mode=settings.client_mode,
-                        identity_path=str(out / IDENTITY_FILE))
+        dht_options = dict(host_maddrs=settings.dht_host_maddrs(), announce_maddrs=settings.dht_announce_maddrs(),
+                           client_mode=settings.client_mode, identity_path=str(out / IDENTITY_FILE))
+        dht = (start_dht_rejoining(rejoin, **dht_options) if rejoin and not initial_peers
+               else start_dht(initial_peers=initial_peers, **dht_options))
         cleanup.callback(stop_dht, dht)
         peer_id = str(dht.peer_id)
         seed = peer_seed(config.seed, peer_id, role)
@@ -254,7 +271,8 @@ def run_node(
         address = start_http(config, settings, dht, controls, cleanup)
         display_role = "mother" if role == "mother" else settings.mode
         publisher = Publisher(dht, config.swarm.run_id, lambda: peer_metrics(
-            trainer.progress, peer_id, display_role, address, stream.chunks.slot, controls.state, health))
+            trainer.progress, peer_id, display_role, address, stream.chunks.slot, controls.state, health),
+            after=partial(keep_peer_addresses, dht, config.swarm.run_id, peer_id, out))
         publisher.start()
         cleanup.callback(publisher.stop)
 
@@ -305,6 +323,12 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
         log.info("caught up: now at epoch %d", optimizer.local_epoch)
+        return True
+    # peers reporting samples to hivemind: the swarm is under way (a late joiner, a restart within the current
+    # swarm step), and the barrier it would wait at has passed
+    training = optimizer.tracker.global_progress.num_peers
+    if swarm.min_peers > 1 and training + 1 >= swarm.min_peers:
+        log.info("start-up barrier skipped: hivemind already sees %d peers training", training)
         return True
     if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
@@ -357,6 +381,14 @@ def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | Non
                        samples_per_second=progress.samples_per_second if state == "training" else 0.0,
                        local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time(),
                        **(health.published() if health is not None else {}))
+
+
+def keep_peer_addresses(dht: hivemind.DHT, run_id: str, peer_id: str, output_dir: Path) -> None:
+    """OUTPUT/peers: the relays and DHT addresses of the peers seen now, tried first when this node restarts."""
+    now = time.time()
+    relays = [m.address for m in read_peers(dht, run_id)
+              if m.peer_id != peer_id and m.address and now - m.time <= GONE_AFTER]
+    remember_peers(output_dir, relays + connected_peer_addresses(dht))
 
 
 def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:

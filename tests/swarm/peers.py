@@ -63,6 +63,13 @@ class Peer:
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
+    def restart(self, *extra: str) -> Peer:
+        """Start this peer again on its output folder (its identity, checkpoints, peers file), e.g. with --resume;
+        its earlier log is kept as NAME.log.1."""
+        self.log_path.rename(self.log_path.with_name(self.log_path.name + ".1"))
+        self.args += list(extra)
+        return self.start()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from sdswarm.swarm.exchange import fetch_swarm_view
 from tests.swarm.peers import Peer
 
 pytestmark = pytest.mark.swarm
@@ -132,3 +133,31 @@ def test_a_stop_stops_every_process_within_seconds_and_the_terminal_stays_readab
         assert noise not in terminal, noise
     # hivemind's chatter is in the output folder's log, not on the terminal
     assert "accumulated" not in terminal and "accumulated" in (mother.out / "node.log").read_text()
+
+
+def test_a_restarted_mother_rejoins_its_swarm(peers):
+    mother = peers("mother", max_steps=100_000, **{"swarm.min_peers": 2}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
+    joiner = peers("joiner", join=mother.address, max_steps=100_000).start()
+    mother.wait_until(lambda: mother.epoch() >= 3, "epoch 3", timeout=400)
+    mother.wait_until(lambda: (mother.out / "peers").exists(), "the mother remembering its peers")
+
+    mother.signal(signal.SIGTERM)
+    assert mother.wait_exit(timeout=120) == 0
+    epoch = joiner.epoch()
+    joiner.wait_until(lambda: joiner.epoch() >= epoch + 2, "the joiner training on alone", timeout=300)
+
+    mother.restart("--resume")  # no address given: it finds the swarm through the peers it last saw
+    mother.wait_until(lambda: "rejoined the swarm through" in mother.log(), "rejoining", timeout=300)
+    assert "start-up barrier skipped" in mother.log() or "downloading the current state" in mother.log()
+    mother.wait_until(lambda: "Averaged gradients with 2 peers" in mother.log(), "averaging with the joiner",
+                      timeout=300)
+    # one swarm again: the mother's relay sees both peers, and their weights agree (fingerprints per swarm step)
+    def one_model() -> bool:
+        view = fetch_swarm_view(mother.address)
+        live = [p for p in view["peers"] if not p.get("gone")]
+        return len(live) == 2 and view["spread"] is not None and view["spread"] < 0.5
+    mother.wait_until(one_model, "one swarm, one model in the mother's status", timeout=300)
+    for peer in (mother, joiner):
+        peer.signal(signal.SIGTERM)
+        assert peer.wait_exit(timeout=120) == 0

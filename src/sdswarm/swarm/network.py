@@ -1,4 +1,4 @@
-"""The DHT a node joins the swarm through."""
+"""The DHT a node joins the swarm through, and the peers it remembers to rejoin it after a restart."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import hivemind
 import psutil
 
+from sdswarm.swarm.exchange import ExchangeError, fetch_peers
+
 log = logging.getLogger(__name__)
+
+PEERS_FILE = "peers"  # OUTPUT/peers: the addresses of the peers this node last saw, one a line
+MAX_REMEMBERED = 32
 
 
 def start_dht(
@@ -56,6 +62,58 @@ def _p2p_daemon_in_its_own_session() -> Iterator[None]:
         yield
     finally:  # the forked DHT process keeps its own copy of the patch
         asyncio.subprocess.create_subprocess_exec = original
+
+
+def start_dht_rejoining(candidates: Sequence[str], **dht_options) -> hivemind.DHT:
+    """Start the DHT from the first of `candidates` that answers (DHT multiaddrs, or relays' I.E addresses asked
+    for their DHT addresses); alone if none does, saying so."""
+    maddrs: list[str] = []
+    for candidate in dict.fromkeys(candidates):
+        if candidate.startswith("/"):
+            maddrs.append(candidate)
+            continue
+        try:
+            maddrs += fetch_peers(candidate)
+        except ExchangeError as exc:
+            log.info("known relay %s does not answer (%s)", candidate, exc)
+    if maddrs:
+        try:
+            dht = start_dht(initial_peers=maddrs, **dht_options)
+            log.info("rejoined the swarm through %d known addresses", len(maddrs))
+            return dht
+        except Exception as exc:  # hivemind: no initial peer reachable
+            log.warning("none of the %d known peer addresses answered (%s)", len(maddrs), exc)
+    if candidates:
+        log.warning("starting alone: no peer this node knew answers (a swarm that is still running can be "
+                    "rejoined with --peers RELAY_HOST:PORT)")
+    return start_dht(initial_peers=(), **dht_options)
+
+
+def remember_peers(output_dir: Path, addresses: Sequence[str]) -> None:
+    """Keep the peers' addresses (atomically: a crash never leaves half a file) for the next start."""
+    lines = [a for a in dict.fromkeys(addresses) if a and "\n" not in a][:MAX_REMEMBERED]
+    if not lines:
+        return
+    path = output_dir / PEERS_FILE
+    tmp = path.with_name(f".{PEERS_FILE}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def remembered_peers(output_dir: Path) -> list[str]:
+    path = output_dir / PEERS_FILE
+    if not path.exists():
+        return []
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def connected_peer_addresses(dht: hivemind.DHT) -> list[str]:
+    """The DHT multiaddrs (with /p2p/ id) of the peers this node is connected to now."""
+    async def _list(_dht, node) -> list[str]:
+        return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs
+                if "/tcp/" in str(addr) and "p2p-circuit" not in str(addr)]
+
+    return dht.run_coroutine(_list)
 
 
 def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:

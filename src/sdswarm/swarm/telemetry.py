@@ -120,15 +120,19 @@ def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
 class Publisher(threading.Thread):
     """Publishes this peer's metrics every `period` seconds until stopped."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, snapshot: Callable[[], PeerMetrics], period: float = PERIOD):
+    def __init__(self, dht: hivemind.DHT, run_id: str, snapshot: Callable[[], PeerMetrics], period: float = PERIOD,
+                 after: Callable[[], None] | None = None):
         super().__init__(name="telemetry", daemon=True)
         self.dht, self.run_id, self.snapshot, self.period = dht, run_id, snapshot, period
+        self.after = after  # called after each publication (e.g. remembering the peers)
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
                 publish(self.dht, self.run_id, self.snapshot())
+                if self.after is not None:
+                    self.after()
             except Exception as exc:  # telemetry must never take training down
                 log.debug("could not publish metrics: %s", exc)
             self._halt.wait(self.period)
