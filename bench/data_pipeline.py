@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sdswarm.data.aspect import assign_aspect_bucket, make_aspect_buckets
 from sdswarm.data.bucket import Bucket, FetchSettings, bucket_routes
-from sdswarm.data.buckets import assign_bucket, make_buckets
 from sdswarm.data.chunks import ChunkSource
 from sdswarm.data.index import Index, _write_index, build_from_folder
 from sdswarm.data.loader import BatchStream
@@ -103,7 +103,7 @@ def bare_loop(folder: Path, count: int, buckets) -> float:
     start = time.perf_counter()
     for post_id in range(1, count + 1):
         with Image.open(folder / f"{post_id}.jpg") as image:
-            bucket = assign_bucket(*image.size, buckets)
+            bucket = assign_aspect_bucket(*image.size, buckets)
             image.convert("RGB").resize((bucket.width, bucket.height), Image.Resampling.LANCZOS)
     return count / (time.perf_counter() - start)
 
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
-    buckets = make_buckets(args.resolution, 256, 768, step=64)
+    buckets = make_aspect_buckets(args.resolution, 256, 768, step=64)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         total = make_images(tmp / "bucket", args.images)

@@ -56,9 +56,9 @@ def hold(millions: float, maddr_file: Path) -> None:
     _, optimizer, start_dht = build(millions, seed=0)
     dht = start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     opt = optimizer(dht)  # declares its state for download (kept referenced: its averagers live as long as it)
-    tmp = maddr_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
-    tmp.rename(maddr_file)
+    from sdswarm.atomic import write_atomic
+
+    write_atomic(maddr_file, json.dumps([str(a) for a in dht.get_visible_maddrs()]).encode())
     while opt.state_averager.is_alive():  # until the group is killed
         time.sleep(1.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import transformers
 import yaml
 
 from sdswarm.config import ConfigError, load_config
-from sdswarm.data.index import add_build_arguments, build_index_cli
 from sdswarm.logs import setup_logging
 
 log = logging.getLogger("sdswarm")
@@ -91,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--half", action="store_true", help="store fp16: half the size")
 
     index = commands.add_parser("index", help="dataset index tools")
-    index_commands = index.add_subparsers(dest="index_command", required=True)
-    add_build_arguments(index_commands.add_parser("build", help="build the SQLite index of posts"))
+    index_build = index.add_subparsers(dest="index_command", required=True).add_parser(
+        "build", help="build the SQLite index of posts")
+    source = index_build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-folder", type=Path, metavar="DIR", help="a folder of {post_id}.{ext} + .json pairs")
+    source.add_argument("--from-dump", type=Path, metavar="FILE",
+                        help="a Danbooru metadata dump: JSON list or JSONL, API or yearly-dump shape (.gz ok)")
+    index_build.add_argument("--out", type=Path, required=True, metavar="INDEX_DB", help="the index file to write")
     return parser
 
 
@@ -105,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "settings":
             return edit_settings(Path(args.output), args.changes)
         if args.command == "index":
-            return build_index_cli(args)
+            return build_index(args.from_folder, args.from_dump, args.out)
         if args.command == "export":
             return export(args.checkpoint, args.out, ema=args.ema, half=args.half)
         overrides = parse_pairs(args.overrides, "--set")
@@ -160,6 +165,20 @@ def export(checkpoint: str, out: str, *, ema: bool, half: bool) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def build_index(folder: Path | None, dump: Path | None, out: Path) -> int:
+    """`sdswarm index build`: prints what was indexed and skipped."""
+    from sdswarm.data.index import build_from_dump, build_from_folder
+
+    start = time.perf_counter()
+    try:
+        report = build_from_folder(folder, out) if folder is not None else build_from_dump(dump, out)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"{out}: {report} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
+Precision = Literal["fp16", "bf16", "no"]
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,7 @@ class TrainConfig(Section):
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # options users of kohya/diffusers trainers expect; all off by default
-    mixed_precision: Literal["fp16", "bf16", "no"] | None = Field(
+    mixed_precision: Precision | None = Field(
         None, description="none: follow the top-level fp16 key; bf16 needs fp16: False and a GPU that supports it"
     )
     min_snr_gamma: Annotated[float, Field(gt=0)] | None = Field(
@@ -177,7 +178,7 @@ class Config(Section):
         return self
 
     @property
-    def precision(self) -> Literal["fp16", "bf16", "no"]:
+    def precision(self) -> Precision:
         """Mixed precision on CUDA: the how-to's fp16 key wins; else train.mixed_precision (default no)."""
         return "fp16" if self.fp16 else (self.train.mixed_precision or "no")
 
@@ -192,7 +193,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
+        lines = describe_errors(exc, Config)
         raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
 
 
@@ -210,21 +211,27 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     data = {} if data is None else data
     if isinstance(data, dict):
         for dotted, value in (overrides or {}).items():
-            _set_dotted(data, dotted, value)
+            set_dotted(data, dotted, value)
     return parse_config(data, source=str(path))
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """data["a"]["b"] = value for "a.b", making the sections on the way."""
     *parents, leaf = dotted.split(".")
     for part in parents:
         data = data.setdefault(part, {})
     data[leaf] = value
 
 
-def _describe(err: dict) -> str:
+def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per problem of a `model` (Config, NodeSettings): the key, the value and what is allowed."""
+    return [_describe(err, model) for err in exc.errors()]
+
+
+def _describe(err: Any, model: type[BaseModel]) -> str:
     key = ".".join(str(part) for part in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"unknown key '{key}'{_suggest(err['loc'])}"
+        return f"unknown key '{key}'{_suggest(err['loc'], model)}"
     if err["type"] == "missing":
         return f"key '{key}' is required"
     message = err["msg"].removeprefix("Value error, ")
@@ -233,8 +240,7 @@ def _describe(err: dict) -> str:
     return f"key '{key}': value {err['input']!r} is not allowed: {message}"
 
 
-def _suggest(loc: tuple) -> str:
-    model: type[BaseModel] = Config
+def _suggest(loc: tuple, model: type[BaseModel]) -> str:
     for part in loc[:-1]:
         annotation = model.model_fields[str(part)].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

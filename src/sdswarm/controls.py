@@ -7,7 +7,6 @@ import json
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,35 +14,11 @@ from sdswarm.data.chunks import DataStats
 from sdswarm.swarm.settings import SETTINGS_FILE, NodeSettings, load_settings, save_settings, update_settings
 from sdswarm.swarm.telemetry import SwarmView
 from sdswarm.train.loop import Trainer
+from sdswarm.web.log_tail import LogTail
 
 log = logging.getLogger(__name__)
 
 SWARM_REFRESH = 2.0  # seconds between DHT reads for the UI, however often it polls
-
-
-class LogTail(logging.Handler):
-    """The last lines of this node's log, kept in memory for its UI."""
-
-    def __init__(self, capacity: int = 2000) -> None:
-        super().__init__(logging.INFO)
-        self.lines: deque[str] = deque(maxlen=capacity)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.lines.append(self.format(record))
-
-    @contextlib.contextmanager
-    def attached(self):
-        hivemind = logging.getLogger("hivemind")  # does not propagate unless logs.setup_logging said so
-        loggers = [logging.getLogger()] + ([] if hivemind.propagate else [hivemind])
-        for logger in loggers:
-            logger.addHandler(self)
-        try:
-            yield self
-        finally:
-            for logger in loggers:
-                logger.removeHandler(self)
 
 
 class NodeControls:

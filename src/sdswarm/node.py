@@ -23,10 +23,11 @@ from typing import Literal
 import hivemind
 import torch
 
-from sdswarm.config import Config, SwarmConfig
-from sdswarm.controls import LogTail, NodeControls
+from sdswarm.atomic import write_atomic
+from sdswarm.config import Config, Precision, SwarmConfig
+from sdswarm.controls import NodeControls
+from sdswarm.data.aspect import make_aspect_buckets
 from sdswarm.data.bucket import bucket_routes
-from sdswarm.data.buckets import make_buckets
 from sdswarm.data.chunks import open_chunks
 from sdswarm.data.demo import BUILTIN_DEMO
 from sdswarm.data.loader import BatchStream, CaptionShuffle
@@ -60,10 +61,12 @@ from sdswarm.swarm.telemetry import (
     wait_for_progress_from,
 )
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
-from sdswarm.train.loop import LoopSettings, Progress, Trainer
+from sdswarm.train.latents import LatentCache
+from sdswarm.train.loop import Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss, half_dtype
 from sdswarm.web.app import create_app
 from sdswarm.web.auth import load_or_create_token
+from sdswarm.web.log_tail import LogTail
 from sdswarm.web.server import HttpServer, exchange_routes
 
 log = logging.getLogger(__name__)
@@ -79,13 +82,13 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def prepare_model(components: SDComponents, *, device: torch.device, train_text_encoder: bool, fp16: bool,
-                  bf16: bool = False, gradient_checkpointing: bool = False, attention: str = "default"):
+def prepare_model(components: SDComponents, *, device: torch.device, train_text_encoder: bool,
+                  precision: Precision = "no", gradient_checkpointing: bool = False, attention: str = "default"):
     """Move the parts to the device; return the trainable parameters (the only ones hivemind may see)."""
-    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError("train.mixed_precision: bf16, but this GPU has no bf16 support (Ampere or newer has); "
                            "use fp16: True instead")
-    half_frozen = half_dtype(fp16=fp16, bf16=bf16, device=device)  # frozen parts need no fp32 master weights
+    half_frozen = half_dtype(precision, device)  # frozen parts need no fp32 master weights
     components.vae.requires_grad_(False).eval().to(device)
     components.unet.requires_grad_(True).to(device)
     components.text_encoder.requires_grad_(train_text_encoder).to(device)
@@ -116,8 +119,8 @@ def prepare_data(config: Config, *, seed: int | None = None, peer_id: str = "mot
     chunks = open_chunks(data, seed=config.seed, peer_id=peer_id, workdir=data.workdir or config.output.dir / "workdir",
                          index_out=config.output.dir / "index.db", demo_dir=demo_dir(),
                          choose_slot=choose_slot, demo_mirror=demo_mirror)
-    buckets = make_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
-                           step=data.bucket_step, max_ratio=data.bucket_max_ratio)
+    buckets = make_aspect_buckets(config.resolution, config.buckets_side_min, config.buckets_side_max,
+                                  step=data.bucket_step, max_ratio=data.bucket_max_ratio)
     tag_shuffle = CaptionShuffle(data.caption_separator, data.caption_keep_first) if data.caption_shuffle else None
     return BatchStream(
         chunks, buckets, batch_size=config.train.batch_size, shuffle=config.buckets_shuffle,
@@ -205,21 +208,15 @@ def run_node(
 ) -> RunSummary:
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
-    out = config.output.dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    checkpoints = Checkpoints(out / "checkpoints", keep=config.output.keep_checkpoints)
-    resume_from = checkpoints.latest() if resume else None
-    if resume and resume_from is None:
-        log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
-
+    checkpoints, resume_from = open_output(config, resume)
     stop_training, quit_node = threading.Event(), threading.Event()
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
-        cleanup.callback(detach_log_file, attach_log_file(out))  # before any fork: the children log there too
+        # before any fork: the children log there too
+        cleanup.callback(detach_log_file, attach_log_file(config.output.dir))
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
         dht_options = dict(host_maddrs=settings.dht_host_maddrs(), announce_maddrs=settings.dht_announce_maddrs(),
-                           client_mode=settings.client_mode, identity_path=str(out / IDENTITY_FILE))
+                           client_mode=settings.client_mode, identity_path=str(config.output.dir / IDENTITY_FILE))
         dht = (start_dht_rejoining(rejoin, **dht_options) if rejoin and not initial_peers
                else start_dht(initial_peers=initial_peers, **dht_options))
         cleanup.callback(stop_dht, dht)
@@ -231,68 +228,113 @@ def run_node(
         stream = prepare_data(config, seed=seed, peer_id=peer_id,
                               choose_slot=partial(choose_data_slot, dht, config, peer_id), demo_mirror=demo_mirror)
         cleanup.callback(stream.close)
-        components = load_components(str(resume_from) if resume_from else config.model)
-        trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
-                                  fp16=config.precision == "fp16", bf16=config.precision == "bf16",
-                                  gradient_checkpointing=config.train.gradient_checkpointing,
-                                  attention=config.train.attention)
-        encoder = PromptEncoder(components.tokenizer, components.text_encoder,
-                                extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate)
-
-        optimizer = make_optimizer(
-            dht=dht, params=trainable, swarm=config.swarm, batch_size_per_step=config.train.batch_size,
-            lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
-            weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
-            optimizer_8bit=config.train.optimizer_8bit,
-        )
-        cleanup.callback(optimizer.shutdown)
-        rounds = RoundLog(out / "metrics.jsonl", values=sum(p.numel() for p in trainable),
-                          bytes_per_value=check_compression(config.swarm.compression)[0])
-        health = SwarmHealth(optimizer, rounds, WeightFingerprint(trainable, seed=config.seed),
-                             peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id)).attach()
-        cleanup.callback(health.detach)
-        trainer = Trainer(
-            components=components, encoder=encoder, train_text_encoder=config.train_text_encoder,
-            stream=stream, optimizer=optimizer, trainable=trainable,
-            ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
-            checkpoints=checkpoints, settings=loop_settings(config, seed), output_dir=out,
-            config_yaml=config.to_yaml(), device=device,
-        )
-        if resume_from is not None:
-            trainer.load_state_dict(load_training_state(resume_from))
-            log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
-
-        swarm_view = partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size)
+        trainer = build_trainer(config, dht, stream, checkpoints, resume_from, seed=seed, device=device,
+                                cleanup=cleanup)
+        health = watch_health(config, dht, trainer, cleanup)
         controls = NodeControls(
-            trainer=trainer, settings_dir=out, run_id=config.swarm.run_id, swarm_view=swarm_view,
+            trainer=trainer, settings_dir=config.output.dir, run_id=config.swarm.run_id,
+            swarm_view=partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size),
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
         )
         address = start_http(config, settings, dht, controls, cleanup)
-        display_role = "mother" if role == "mother" else settings.mode
-        publisher = Publisher(dht, config.swarm.run_id, lambda: peer_metrics(
-            trainer.progress, peer_id, display_role, address, stream.chunks.slot, controls.state, health),
-            after=partial(keep_peer_addresses, dht, config.swarm.run_id, peer_id, out))
-        publisher.start()
-        cleanup.callback(publisher.stop)
+        publish_metrics(dht, config.swarm.run_id, trainer, stream, peer_id=peer_id, address=address,
+                        role="mother" if role == "mother" else settings.mode, cleanup=cleanup,
+                        state=lambda: controls.state, health=health, remember_in=config.output.dir)
 
-        if not join_swarm(optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
-            trainer.after_first_step = partial(wait_for_progress_from, optimizer, config.swarm.min_peers,
+        if not join_swarm(trainer.optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
+            trainer.after_first_step = partial(wait_for_progress_from, trainer.optimizer, config.swarm.min_peers,
                                                config.swarm.startup_timeout)
         log.info("aspect buckets:\n%s", stream.describe())  # the first round's data, in this peer's slot
-        eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
+        return train_and_evaluate(trainer, controls, stream, seed=config.seed)
 
-        def eval_loss() -> float:
-            return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
-                                   encoder, eval_batches, seed=config.seed)
 
-        summary = RunSummary(trainer.progress, eval_loss(), math.nan)
-        train_until_done(trainer, controls)
-        summary.eval_loss_end = eval_loss()
-        log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
-                 summary.eval_loss_start, summary.eval_loss_end, summary.progress.step,
-                 summary.progress.skipped_steps)
-        return summary
+def open_output(config: Config, resume: bool) -> tuple[Checkpoints, Path | None]:
+    """The output folder with the run's config.yaml; its checkpoints, and the one to resume from (--resume)."""
+    out = config.output.dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", config.to_yaml().encode("utf-8"))
+    checkpoints = Checkpoints(out / "checkpoints", keep=config.output.keep_checkpoints, config_yaml=config.to_yaml())
+    resume_from = checkpoints.latest() if resume else None
+    if resume and resume_from is None:
+        log.warning("--resume: no checkpoint in %s yet, starting from %s", checkpoints.root, config.model)
+    return checkpoints, resume_from
+
+
+def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkpoints: Checkpoints,
+                  resume_from: Path | None, *, seed: int, device: torch.device,
+                  cleanup: contextlib.ExitStack) -> Trainer:
+    """The model on its device, hivemind's optimizer over its trainable parameters, and the trainer (resumed
+    from `resume_from` when given)."""
+    components = load_components(str(resume_from) if resume_from else config.model)
+    trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
+                              precision=config.precision, gradient_checkpointing=config.train.gradient_checkpointing,
+                              attention=config.train.attention)
+    optimizer = make_optimizer(
+        dht=dht, params=trainable, swarm=config.swarm, batch_size_per_step=config.train.batch_size,
+        lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
+        weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
+        optimizer_8bit=config.train.optimizer_8bit,
+    )
+    cleanup.callback(optimizer.shutdown)
+    trainer = Trainer(
+        components=components, trainable=trainable,
+        encoder=PromptEncoder(components.tokenizer, components.text_encoder,
+                              extended_chunks=config.extended_chunks, clip_penultimate=config.clip_penultimate),
+        ema=EMA(trainable, decay=config.train.ema_decay) if config.use_ema else None,
+        latent_cache=latent_cache(config), stream=stream, optimizer=optimizer, checkpoints=checkpoints,
+        device=device, train=config.train, output=config.output, precision=config.precision, ucg=config.ucg,
+        resolution=config.resolution, seed=seed,
+    )
+    if resume_from is not None:
+        trainer.load_state_dict(load_training_state(resume_from))
+        log.info("resumed from %s at step %d", resume_from, trainer.progress.step)
+    return trainer
+
+
+def watch_health(config: Config, dht: hivemind.DHT, trainer: Trainer, cleanup: contextlib.ExitStack) -> SwarmHealth:
+    """Rounds, gradient norm and weight fingerprint of each swarm step: logged, in metrics.jsonl, published."""
+    rounds = RoundLog(config.output.dir / "metrics.jsonl", values=sum(p.numel() for p in trainer.trainable),
+                      bytes_per_value=check_compression(config.swarm.compression)[0])
+    health = SwarmHealth(trainer.optimizer, rounds, WeightFingerprint(trainer.trainable, seed=config.seed),
+                         peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id)).attach()
+    cleanup.callback(health.detach)
+    return health
+
+
+def latent_cache(config: Config) -> LatentCache | None:
+    """train.cache_latents: room for one chunk's images (each encoded once per chunk)."""
+    return LatentCache(config.data.images_per_chunk) if config.train.cache_latents else None
+
+
+def publish_metrics(dht: hivemind.DHT, run_id: str, trainer: Trainer, stream: BatchStream, *, peer_id: str,
+                    address: str | None, role: str, cleanup: contextlib.ExitStack,
+                    state: Callable[[], str] = lambda: "training", health: SwarmHealth | None = None,
+                    remember_in: Path | None = None) -> None:
+    """This peer's figures in the DHT, for the other peers' UIs, until the node stops; and, in `remember_in`,
+    the addresses of the peers it sees (OUTPUT/peers, for a restart)."""
+    publisher = Publisher(dht, run_id, lambda: peer_metrics(
+        trainer.progress, peer_id, role, address, stream.chunks.slot, state(), health),
+        after=None if remember_in is None else partial(keep_peer_addresses, dht, run_id, peer_id, remember_in))
+    publisher.start()
+    cleanup.callback(publisher.stop)
+
+
+def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchStream, *, seed: int) -> RunSummary:
+    """Train until done, with the fixed-seed loss on the first batches before and after."""
+    eval_batches = [batch for _, _, batch in itertools.islice(stream.iterate(), EVAL_BATCHES)]
+    components = trainer.components
+
+    def eval_loss() -> float:
+        return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
+                               trainer.encoder, eval_batches, seed=seed)
+
+    summary = RunSummary(trainer.progress, eval_loss(), math.nan)
+    train_until_done(trainer, controls)
+    summary.eval_loss_end = eval_loss()
+    log.info("fixed-seed eval loss: %.4f at the start, %.4f at the end (%d steps, %d skipped)",
+             summary.eval_loss_start, summary.eval_loss_end, summary.progress.step, summary.progress.skipped_steps)
+    return summary
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
@@ -406,17 +448,3 @@ def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: i
                     "give the swarm a larger data.shards", config.data.shards, slot)
     return slot
 
-
-def loop_settings(config: Config, seed: int | None = None) -> LoopSettings:
-    out = config.output
-    return LoopSettings(
-        max_steps=config.train.max_steps, max_epochs=config.train.max_epochs,
-        checkpoint_every=out.checkpoint_every, sample_every=out.sample_every,
-        log_every=out.log_every, ucg=config.ucg, fp16=config.precision == "fp16",
-        seed=config.seed if seed is None else seed,
-        sample_prompts=out.sample_prompts, sample_size=(config.resolution, config.resolution),
-        sample_steps=out.sample_steps, sample_guidance=out.sample_guidance,
-        bf16=config.precision == "bf16", min_snr_gamma=config.train.min_snr_gamma,
-        noise_offset=config.train.noise_offset,
-        latent_cache_size=config.data.images_per_chunk if config.train.cache_latents else 0,
-    )

@@ -1,4 +1,3 @@
-import argparse
 import gzip
 import io
 import json
@@ -10,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sdswarm.data.index import (
-    Index,
-    Post,
-    _json_list_items,
-    _write_index,
-    add_build_arguments,
-    build_from_dump,
-    build_from_folder,
-    build_index_cli,
-)
+from sdswarm.cli import main
+from sdswarm.data.dumps import _json_list_items
+from sdswarm.data.index import Index, Post, _write_index, build_from_dump, build_from_folder
 from sdswarm.data.shards import ShardPlan
 from tests.data import files
 
@@ -135,17 +127,13 @@ def test_not_an_index(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_build_arguments(parser)
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(p) for p in api_dump()[:6]))
-    args = parser.parse_args(["--from-dump", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "i.db")])
-    assert build_index_cli(args) == 0
+    assert main(["index", "build", "--from-dump", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "i.db")]) == 0
     assert "4 posts indexed; skipped: 1 file type gif, 1 file type mp4" in capsys.readouterr().out
-    args = parser.parse_args(["--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path / "j.db")])
-    assert build_index_cli(args) == 2
+    assert main(["index", "build", "--from-folder", str(tmp_path / "nope"), "--out", str(tmp_path / "j.db")]) == 2
     assert "error:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        parser.parse_args(["--from-folder", "a", "--from-dump", "b", "--out", "c"])
+        main(["index", "build", "--from-folder", "a", "--from-dump", "b", "--out", "c"])
 
 
 def test_many_rows_open_and_draw_fast_with_flat_memory(tmp_path: Path) -> None:

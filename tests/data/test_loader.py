@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sdswarm.data.aspect import make_aspect_buckets
 from sdswarm.data.bucket import Bucket
-from sdswarm.data.buckets import make_buckets
 from sdswarm.data.chunks import ChunkSource
 from sdswarm.data.index import Index, build_from_folder
 from sdswarm.data.loader import BatchStream, CaptionShuffle, FixedChunks
@@ -14,7 +14,7 @@ from sdswarm.data.shards import ShardPlan
 from sdswarm.data.workdir import Pair, WorkDir
 from tests.data import files
 
-BUCKETS = make_buckets(64, 32, 96, step=32)  # 32x64, 64x64, 64x32
+BUCKETS = make_aspect_buckets(64, 32, 96, step=32)  # 32x64, 64x64, 64x32
 SIZES = [(64, 64), (40, 80), (90, 45), (128, 128), (30, 60)]
 
 

@@ -11,19 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdswarm.data.buckets import Bucket, resize_to_bucket
+from sdswarm.data.aspect import AspectBucket, resize_to_aspect_bucket
 from sdswarm.data.demo import plan_post, render
 from sdswarm.model import loading
-from sdswarm.model.loading import (
-    TINY_MODEL_DIRNAME,
-    TINY_MODEL_ID,
-    TOKENIZER_ASSETS,
-    SDComponents,
-    build_tiny_model,
-    default_cache_dir,
-    load_components,
-    tiny_tokenizer,
-)
+from sdswarm.model.loading import TINY_MODEL_ID, SDComponents, default_cache_dir, load_components
+from sdswarm.model.tiny import TINY_MODEL_DIRNAME, TOKENIZER_ASSETS, build_tiny_model, tiny_tokenizer
 
 WEIGHT_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
@@ -78,7 +70,7 @@ def test_tokenizer_is_real_bpe() -> None:
 
 def test_tiny_pipeline_renders(tiny_path: Path) -> None:
     assert {p.name for p in tiny_path.iterdir()} >= {"model_index.json", *loading.SUBFOLDERS}
-    assert not list(tiny_path.parent.glob(".*tmp-*")), "temp build dir left behind"
+    assert not list(tiny_path.parent.glob(".*.tmp")), "temp build dir left behind"
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_path))
     assert pipe.safety_checker is None
     out = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
@@ -156,7 +148,7 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
 
 def _demo_images(seed: int, count: int) -> torch.Tensor:
     """Rendered demo posts the VAE never trained on, resized as the trainer does, in [-1, 1]."""
-    images = [resize_to_bucket(render(plan_post(i, seed)), Bucket(64, 64)) for i in range(1, count + 1)]
+    images = [resize_to_aspect_bucket(render(plan_post(i, seed)), AspectBucket(64, 64)) for i in range(1, count + 1)]
     array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 

@@ -32,9 +32,9 @@ def test_client_mode_listens_nowhere_public():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"mode": "server"}, r"'mode' = 'server'"),
+        ({"mode": "server"}, r"key 'mode': value 'server'"),
         ({"public_address": "not an address!"}, r"IPv4/IPv6 address or a domain"),
-        ({"ie_port_internal": 70000}, r"'ie_port_internal' = 70000"),
+        ({"ie_port_internal": 70000}, r"key 'ie_port_internal': value 70000"),
         ({"listen_host": "everywhere"}, r"IP address to listen on"),
         ({"dht_port_internal": 0, "dht_port_external": 4000}, r"needs a fixed dht_port_internal"),
         ({"token": "x"}, r"unknown key 'token'"),
@@ -62,5 +62,5 @@ def test_the_settings_command_edits_the_file(tmp_path, capsys):
     assert load_settings(tmp_path).ie_port_external == 80
     assert "announced DHT address: /ip4/203.0.113.7/tcp/31337" in capsys.readouterr().out
     assert main(["settings", "--output", str(tmp_path), "mode=server"]) == 2
-    assert "'mode' = 'server'" in capsys.readouterr().err
+    assert "key 'mode': value 'server'" in capsys.readouterr().err
     assert load_settings(tmp_path).mode == "relay"  # a refused change loses nothing

@@ -189,8 +189,8 @@ def test_ema_weights_are_exported_for_the_trained_parts(tiny_folder, tmp_path, t
     ema = EMA(trained, decay=0.99)
     for shadow in ema.shadow:
         shadow.add_(0.25)  # an EMA that differs from the weights by a known amount
-    checkpoint = Checkpoints(tmp_path / "checkpoints", keep=1).save(
-        7, components, {"progress": {"step": 7}, "ema": ema.state_dict()}, config_yaml="{}\n")
+    checkpoint = Checkpoints(tmp_path / "checkpoints", keep=1, config_yaml="{}\n").save(
+        7, components, {"progress": {"step": 7}, "ema": ema.state_dict()})
 
     loaded = read_back(export_single_file(checkpoint, tmp_path / "ema.safetensors", use_ema=True), tiny_folder)
     assert_same_weights(loaded.unet, components.unet, "unet", changed=0.25)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
-from sdswarm.node import loop_settings
+from sdswarm.node import latent_cache
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.step import encode_latents
 
@@ -67,6 +67,6 @@ def test_least_recently_used_image_is_dropped_first(vae):
 
 
 def test_config_turns_it_on_with_one_chunk_of_room(tiny_config):
-    assert loop_settings(tiny_config).latent_cache_size == 0  # off by default
+    assert latent_cache(tiny_config) is None  # off by default
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"cache_latents": True})})
-    assert loop_settings(config).latent_cache_size == config.data.images_per_chunk
+    assert latent_cache(config).capacity == config.data.images_per_chunk

@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import sdswarm.model.attention as attention
 from sdswarm.config import ConfigError, load_config
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
-from sdswarm.node import loop_settings, prepare_model
+from sdswarm.node import prepare_model
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import ClipGradNorm, make_optimizer
 from tests.conftest import ROOT
@@ -26,8 +26,6 @@ def test_all_off_by_default_and_in_the_howto_file():
     config = load_config(ROOT / "configs" / "sd_1-5.yaml")
     assert {key: getattr(config.train, key) for key in OPTIONS} == OPTIONS
     assert config.precision == "fp16"  # the how-to's fp16: True
-    settings = loop_settings(config)
-    assert (settings.fp16, settings.bf16, settings.min_snr_gamma, settings.noise_offset) == (True, False, None, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -117,8 +115,7 @@ def test_gradient_checkpointing_recomputes_in_backward_and_gives_the_same_gradie
     results = {}
     for on in (False, True):
         components = load_components(TINY_MODEL_ID)
-        prepare_model(components, device=torch.device("cpu"), train_text_encoder=True, fp16=False,
-                      gradient_checkpointing=on)
+        prepare_model(components, device=torch.device("cpu"), train_text_encoder=True, gradient_checkpointing=on)
         components.unet.train()
         components.text_encoder.train()
         calls = {"resnet": 0, "text layer": 0}
@@ -131,8 +128,7 @@ def test_gradient_checkpointing_recomputes_in_backward_and_gives_the_same_gradie
 
 def test_gradient_checkpointing_leaves_a_frozen_text_encoder_alone():
     components = load_components(TINY_MODEL_ID)
-    prepare_model(components, device=torch.device("cpu"), train_text_encoder=False, fp16=False,
-                  gradient_checkpointing=True)
+    prepare_model(components, device=torch.device("cpu"), train_text_encoder=False, gradient_checkpointing=True)
     assert components.unet.is_gradient_checkpointing
     assert not components.text_encoder.is_activation_checkpointing
 
@@ -212,6 +208,6 @@ def test_a_short_run_with_every_option_on(tmp_path, monkeypatch):
     unet = trainer.components.unet
     assert unet.is_gradient_checkpointing and trainer.components.text_encoder.is_activation_checkpointing
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
-    assert (trainer.settings.min_snr_gamma, trainer.settings.noise_offset, trainer.settings.bf16) == (5.0, 0.05, True)
+    assert (trainer.train.min_snr_gamma, trainer.train.noise_offset, trainer.precision) == (5.0, 0.05, "bf16")
     assert 0 < trainer.latent_cache.images_encoded <= 6 * config.train.batch_size
     assert all(p.dtype == torch.float32 for p in trainer.trainable)

@@ -19,7 +19,7 @@ from hivemind.compression import CompressionInfo, Float16Compression
 from sdswarm.config import SwarmConfig
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.model.text import PromptEncoder
-from sdswarm.node import loop_settings, prepare_data, prepare_model
+from sdswarm.node import latent_cache, prepare_data, prepare_model
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
 from sdswarm.train.checkpoint import Checkpoints
@@ -72,9 +72,9 @@ def config(tiny_config):
 
 
 @contextlib.contextmanager
-def one_peer(config, components, tmp_path, *, max_grad_norm: float | None, settings=None):
+def one_peer(config, components, tmp_path, *, max_grad_norm: float | None):
     """A Trainer on one hivemind peer whose every local step (4 samples) is a global optimizer step."""
-    trainable = prepare_model(components, device=torch.device("cpu"), train_text_encoder=True, fp16=False)
+    trainable = prepare_model(components, device=torch.device("cpu"), train_text_encoder=True)
     dht = hivemind.DHT(start=True)
     optimizer = make_optimizer(
         dht=dht, params=trainable, batch_size_per_step=4, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -84,9 +84,10 @@ def one_peer(config, components, tmp_path, *, max_grad_norm: float | None, setti
     try:
         trainer = Trainer(
             components=components, encoder=PromptEncoder(components.tokenizer, components.text_encoder),
-            train_text_encoder=True, stream=None, optimizer=optimizer, trainable=trainable, ema=None,
-            checkpoints=Checkpoints(tmp_path / "ckpt", keep=1), settings=settings or loop_settings(config),
-            output_dir=tmp_path, config_yaml=config.to_yaml(), device=torch.device("cpu"),
+            trainable=trainable, ema=None, latent_cache=latent_cache(config), stream=None, optimizer=optimizer,
+            checkpoints=Checkpoints(tmp_path / "ckpt", keep=1), device=torch.device("cpu"), train=config.train,
+            output=config.output.model_copy(update={"dir": tmp_path}), precision=config.precision, ucg=config.ucg,
+            resolution=config.resolution, seed=config.seed,
         )
         components.unet.train()
         components.text_encoder.train()
@@ -162,11 +163,10 @@ def test_without_a_scaler_an_inf_gradient_is_caught_too(config, tmp_path):
     CPU trains in fp32 (no autocast), like fp16 does. The latent cache is wired through the same settings."""
     bf16 = config.model_copy(update={"fp16": False, "train": config.train.model_copy(
         update={"mixed_precision": "bf16", "cache_latents": True})})
-    settings = loop_settings(bf16)
-    assert (settings.fp16, settings.bf16) == (False, True)
+    assert bf16.precision == "bf16"
     batch = first_batch(config)
     components = load_components(TINY_MODEL_ID)
-    with one_peer(bf16, components, tmp_path, max_grad_norm=1.0, settings=settings) as trainer:
+    with one_peer(bf16, components, tmp_path, max_grad_norm=1.0) as trainer:
         assert not trainer.scaler.is_enabled() and trainer.autocast_dtype is None
         before = [p.detach().clone() for p in trainer.trainable]
         poison = components.unet.conv_in.weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
@@ -189,7 +189,7 @@ def test_trainable_parameters_stay_float32_because_hivemind_fp16_compression_ref
     components = load_components(TINY_MODEL_ID)
     components.unet.to(torch.bfloat16)  # as if someone loaded it in half precision
     with pytest.raises(RuntimeError, match="float32"):
-        prepare_model(components, device=torch.device("cpu"), train_text_encoder=False, fp16=False, bf16=True)
+        prepare_model(components, device=torch.device("cpu"), train_text_encoder=False, precision="bf16")
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])

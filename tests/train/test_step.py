@@ -12,7 +12,7 @@ from sdswarm.config import SwarmConfig
 from sdswarm.data.loader import Batch
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.model.text import PromptEncoder
-from sdswarm.node import loop_settings, prepare_data, prepare_model
+from sdswarm.node import prepare_data, prepare_model
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer
 from sdswarm.train.checkpoint import Checkpoints
@@ -51,7 +51,7 @@ def test_step_through_hivemind_equals_plain_pytorch_loop(tiny_config, tmp_path):
 
     ours = load_components(TINY_MODEL_ID)
     reference = copy.deepcopy(ours)
-    trainable = prepare_model(ours, device=torch.device("cpu"), train_text_encoder=True, fp16=False)
+    trainable = prepare_model(ours, device=torch.device("cpu"), train_text_encoder=True)
     for module in (reference.unet, reference.text_encoder):
         module.train()
 
@@ -64,10 +64,11 @@ def test_step_through_hivemind_equals_plain_pytorch_loop(tiny_config, tmp_path):
     )
     try:
         trainer = Trainer(
-            components=ours, encoder=PromptEncoder(ours.tokenizer, ours.text_encoder), train_text_encoder=True,
-            stream=stream, optimizer=optimizer, trainable=trainable, ema=None,
-            checkpoints=Checkpoints(tmp_path / "ckpt", keep=1), settings=loop_settings(config),
-            output_dir=tmp_path, config_yaml=config.to_yaml(), device=torch.device("cpu"),
+            components=ours, encoder=PromptEncoder(ours.tokenizer, ours.text_encoder), trainable=trainable,
+            ema=None, latent_cache=None, stream=stream, optimizer=optimizer,
+            checkpoints=Checkpoints(tmp_path / "ckpt", keep=1), device=torch.device("cpu"), train=config.train,
+            output=config.output.model_copy(update={"dir": tmp_path}), precision=config.precision, ucg=config.ucg,
+            resolution=config.resolution, seed=config.seed,
         )
         ours.unet.train()
         ours.text_encoder.train()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from sdswarm.atomic import atomic_path
 from sdswarm.data.index import Post
 
 if TYPE_CHECKING:
@@ -214,11 +215,8 @@ async def _http_get(session: aiohttp.ClientSession, url: str, limit: int) -> byt
 
 def download(url: str, dest: Path, *, timeout_s: float = 60.0) -> Path:
     """Fetch one file (e.g. an index db) to `dest`, atomically; raises OSError naming the URL on failure."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
 
-    async def run() -> None:
+    async def run(tmp: Path) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
             if response.status != 200:
@@ -228,13 +226,11 @@ def download(url: str, dest: Path, *, timeout_s: float = 60.0) -> Path:
                     handle.write(block)
 
     try:
-        asyncio.run(run())
-        os.replace(tmp, dest)
+        with atomic_path(Path(dest)) as tmp:
+            asyncio.run(run(tmp))
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise OSError(f"cannot download {url}: {type(exc).__name__} {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    return Path(dest)
 
 
 def bucket_routes(folder: Path, prefix: str = "/bucket", extra: dict[str, Path] | None = None) -> list[web.RouteDef]:

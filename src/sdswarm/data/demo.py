@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from sdswarm.data.workdir import write_atomic
+from sdswarm.atomic import write_atomic
 
 BUILTIN_DEMO = "builtin:demo"  # data.source naming this data set
 GENERATOR_VERSION = 1

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 FORMAT_OF_EXT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+IMAGE_EXTS = frozenset(FORMAT_OF_EXT)  # the trainable image types, lower case without the dot
 DEFAULT_MAX_PIXELS = 50_000_000
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that turn the picture by 90 degrees
 _SRGB = ImageCms.createProfile("sRGB")

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from sdswarm.data import images
-from sdswarm.data.buckets import Bucket, BucketBatchSampler, assign_bucket, bucket_table, resize_to_bucket
+from sdswarm.data.aspect import (
+    AspectBatchSampler,
+    AspectBucket,
+    aspect_bucket_table,
+    assign_aspect_bucket,
+    resize_to_aspect_bucket,
+)
 from sdswarm.data.captions import shuffle_tags
 from sdswarm.data.chunks import DataStats
 from sdswarm.data.workdir import Pair
@@ -68,7 +74,7 @@ class CaptionShuffle:
 @dataclass
 class PassPlan:
     pairs: list[Pair]
-    bucket_of: list[Bucket]
+    bucket_of: list[AspectBucket]
     batches: list[list[int]]  # indices into pairs, one bucket each
 
 
@@ -83,7 +89,7 @@ class BatchStream:
     def __init__(
         self,
         chunks: Chunks,
-        buckets: Sequence[Bucket],
+        buckets: Sequence[AspectBucket],
         *,
         batch_size: int,
         shuffle: bool,
@@ -108,14 +114,14 @@ class BatchStream:
                 size = pair.size
                 if size is not None:
                     pairs.append(pair)
-                    bucket_of.append(assign_bucket(*size, self.buckets))
-            sampler = BucketBatchSampler(bucket_of, self.batch_size, shuffle=self.shuffle, seed=self.seed)
+                    bucket_of.append(assign_aspect_bucket(*size, self.buckets))
+            sampler = AspectBatchSampler(bucket_of, self.batch_size, shuffle=self.shuffle, seed=self.seed)
             self._plans = {p: v for p, v in self._plans.items() if p == pass_index - 1}  # describe() then pass 0
             self._plans[pass_index] = PassPlan(pairs, bucket_of, sampler.batches(pass_index) if pairs else [])
         return self._plans[pass_index]
 
     def describe(self, pass_index: int = 0) -> str:
-        return bucket_table(self.buckets, Counter(self.plan(pass_index).bucket_of))
+        return aspect_bucket_table(self.buckets, Counter(self.plan(pass_index).bucket_of))
 
     def stats(self) -> DataStats:
         return self.chunks.stats()
@@ -177,7 +183,7 @@ class BatchStream:
             except images.ImageRejected as rejected:  # checked when fetched; only a damaged disk gets here
                 log.warning("%s left out of its batch: %s", pair.image, rejected)
                 continue
-            pixels.append(to_tensor(resize_to_bucket(image, bucket)))
+            pixels.append(to_tensor(resize_to_aspect_bucket(image, bucket)))
             captions.append(self._caption(pair, pass_index))
         if not pixels:
             return None

@@ -1,7 +1,7 @@
 """The work directory: image + caption ``.txt`` pairs named by post id, a cache bounded in size.
 
-Crash safety: every file is written under a temp name (``.<name>.<pid>.tmp``, never an image or .txt
-suffix) and moved into place with os.replace; the caption .txt is written after its image, so a pair exists
+Crash safety: every file is written atomically (sdswarm.atomic: a temp name ``.<name>.<pid>.tmp``, never
+an image or .txt suffix, then os.replace); the caption .txt is written after its image, so a pair exists
 exactly when its .txt does (and eviction removes the .txt first). This guards against the process dying,
 not against power loss (no fsync). On opening, what a dead run left half done is cleared away and the
 complete pairs are reused; the least recently used pairs are evicted once the cache is over its bound.
@@ -18,12 +18,13 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdswarm.atomic import TEMP_NAME, write_atomic
+from sdswarm.data.images import IMAGE_EXTS
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".webp", ".png")
 CAPTION_KEY_FILE = ".captions.json"  # how the captions were made; other settings invalidate them
-_TEMP = re.compile(r"^\.(.+)\.(\d+)\.tmp$")
-_OURS = re.compile(r"^\d+\.(png|jpg|jpeg|webp|txt)$")
+_OURS = re.compile(rf"^\d+\.({'|'.join(sorted(IMAGE_EXTS))}|txt)$")
 
 
 @dataclass
@@ -35,20 +36,6 @@ class Pair:
     size: tuple[int, int] | None = None  # upright (width, height) when known
 
 
-def _tmp_name(folder: Path, name: str) -> Path:
-    # Leading dot + .tmp suffix: never mistaken for an image or caption; pid keeps concurrent runs apart.
-    return folder / f".{name}.{os.getpid()}.tmp"
-
-
-def write_atomic(dst: Path, data: bytes) -> None:
-    tmp = _tmp_name(dst.parent, dst.name)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _visible_files(folder: Path) -> list[Path]:
     # Dotfiles are skipped: our temp files, and macOS "._x.jpg" resource forks that look like images.
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
@@ -58,7 +45,7 @@ def list_pairs(workdir: Path) -> list[Pair]:
     """The complete pairs in `workdir` (image + .txt present), sorted by stem; temp files are ignored."""
     pairs: dict[str, Pair] = {}
     for p in _visible_files(Path(workdir)):
-        if p.suffix.lower() not in IMAGE_EXTS or p.stem in pairs:
+        if p.suffix.lower()[1:] not in IMAGE_EXTS or p.stem in pairs:
             continue
         txt = p.with_suffix(".txt")
         if txt.is_file():
@@ -109,13 +96,13 @@ class WorkDir:
         captions: set[str] = set()
         for entry in os.scandir(self.root):
             name = entry.name
-            temp = _TEMP.match(name)
+            temp = TEMP_NAME.match(name)
             if temp and not _pid_alive(int(temp.group(2))):
                 Path(entry.path).unlink(missing_ok=True)  # a dead run's half-written file
             if name.startswith(".") or not entry.is_file():
                 continue
             stem, _, ext = name.rpartition(".")
-            if f".{ext}" in IMAGE_EXTS:
+            if ext in IMAGE_EXTS:
                 images[stem] = Path(entry.path)
             elif ext == "txt":
                 captions.add(stem)

@@ -1,44 +1,24 @@
-"""Load the Stable Diffusion parts we fine-tune, from the hub, a local folder, or the built-in tiny model."""
+"""Load the Stable Diffusion parts we fine-tune, from the hub, a local folder, or the built-in tiny model
+(built once into the cache by model/tiny.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from sdswarm.data.buckets import Bucket, resize_to_bucket
-from sdswarm.data.demo import plan_post, render
-from sdswarm.data.loader import to_tensor
+from sdswarm.model.tiny import TINY_MODEL_DIRNAME, build_tiny_model
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL_ID = "builtin:tiny"
-# Bump the suffix whenever the tiny recipe changes, so stale caches are not reused.
-TINY_MODEL_DIRNAME = "tiny-sd-v2"
-TOKENIZER_ASSETS = Path(__file__).resolve().parent / "tiny_tokenizer"
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-# The tiny VAE is trained at build time on demo-like images, so samples decode to pictures, not noise.
-TINY_VAE_STEPS = 800
-TINY_VAE_BATCH = 16
-TINY_VAE_CROP = 32  # px; convolutions do not care about the size, and crops are 4x cheaper than 64 px images
-TINY_VAE_LR = 5e-3
-TINY_VAE_KL_WEIGHT = 1e-4  # per latent element, against a per-pixel L1: just enough to keep latents smooth
-TINY_VAE_IMAGES = 256
-TINY_VAE_POST_OFFSET = 1_000_000  # post ids of its training images: none of them is in the demo data set
-# Float reductions split work by thread count, so a fixed count gives every peer the same VAE (on the same CPU
-# kind). One: convolutions this small barely speed up with more, and a busy machine does not stall it.
-TINY_VAE_THREADS = 1
 
 
 @dataclass
@@ -57,160 +37,6 @@ def default_cache_dir() -> Path:
     if xdg := os.environ.get("XDG_CACHE_HOME"):
         return Path(xdg).expanduser() / "sdswarm"
     return Path.home() / ".cache" / "sdswarm"
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """The embedded 2048-token CLIP BPE tokenizer (see tools/make_tiny_tokenizer.py)."""
-    return CLIPTokenizer(
-        str(TOKENIZER_ASSETS / "vocab.json"), str(TOKENIZER_ASSETS / "merges.txt"), model_max_length=77
-    )
-
-
-def tiny_vae_images(seed: int, count: int) -> list[torch.Tensor]:
-    """Demo-style posts, resized to the tiny config's buckets as the trainer does; (3, H, W) in [-1, 1]."""
-    buckets = (Bucket(64, 64), Bucket(64, 32), Bucket(32, 64))
-    rng = random.Random(f"sdswarm-tiny-vae:{seed}")
-    out = []
-    for post_id in range(TINY_VAE_POST_OFFSET, TINY_VAE_POST_OFFSET + count):
-        image = resize_to_bucket(render(plan_post(post_id, seed)), rng.choice(buckets))
-        out.append(to_tensor(image))
-    return out
-
-
-@contextmanager
-def _torch_threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train_tiny_vae(vae: AutoencoderKL, seed: int, steps: int) -> None:
-    """Fit `vae` to demo-like images (L1 + a little KL), then set scaling_factor to 1 / std of their latents.
-
-    Call it under fork_rng with the global seed set: the weights then depend on the seed alone."""
-    images = tiny_vae_images(seed, TINY_VAE_IMAGES)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=TINY_VAE_LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, TINY_VAE_LR, total_steps=max(steps, 1), pct_start=0.1)
-    vae.train().to(memory_format=torch.channels_last)  # oneDNN's faster layout for few channels (~25%)
-    with _torch_threads(TINY_VAE_THREADS):
-        for _ in range(steps):
-            crops = []
-            for index in torch.randint(len(images), (TINY_VAE_BATCH,), generator=generator).tolist():
-                image = images[index]
-                top = int(torch.randint(image.shape[1] - TINY_VAE_CROP + 1, (1,), generator=generator))
-                left = int(torch.randint(image.shape[2] - TINY_VAE_CROP + 1, (1,), generator=generator))
-                crops.append(image[:, top : top + TINY_VAE_CROP, left : left + TINY_VAE_CROP])
-            batch = torch.stack(crops).contiguous(memory_format=torch.channels_last)
-            posterior = vae.encode(batch).latent_dist
-            reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-            kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
-            loss = (reconstruction - batch).abs().mean() + TINY_VAE_KL_WEIGHT * kl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        vae.eval()
-        with torch.no_grad():
-            # As SD's 0.18215: scaled latents of the training images have unit variance, as the UNet expects.
-            square = torch.stack([im for im in images if im.shape[1:] == (64, 64)][:64])
-            latents = vae.encode(square).latent_dist.sample(generator=generator)
-    vae.to(memory_format=torch.contiguous_format)  # safetensors saves contiguous tensors only
-    vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
-
-
-def _tiny_pipeline(seed: int, vae_steps: int = TINY_VAE_STEPS) -> StableDiffusionPipeline:
-    tokenizer = tiny_tokenizer()
-    # fork_rng: deterministic weights without disturbing the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        )
-        # Two blocks -> one 2x downsample: 64 px images <-> 32x32 latents, like SD's 8x at 512 px.
-        # Kept small (no attention, 8 channels) so training it takes seconds; one norm group learns far faster.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 8),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=1,
-            mid_block_add_attention=False,
-            sample_size=64,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                projection_dim=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        _train_tiny_vae(vae, seed, vae_steps)
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def build_tiny_model(path: Path, seed: int = 0, vae_steps: int = TINY_VAE_STEPS) -> Path:
-    """Write the tiny SD pipeline at `path` atomically; if another builder won the race, keep theirs.
-
-    `vae_steps` trains the VAE that many steps (tens of seconds by default); tests pass fewer."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the final folder should be readable like any cache dir
-    try:
-        _tiny_pipeline(seed, vae_steps).save_pretrained(tmp, safe_serialization=True)
-        # transformers 5 writes only tokenizer.json; add the BPE files too, as in SD 1.x hub folders.
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(TOKENIZER_ASSETS / name, tmp / "tokenizer" / name)
-        try:
-            # rename is atomic and refuses to replace a non-empty dir, so readers never see a partial folder.
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _is_local(model: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from sdswarm import __version__
-from sdswarm.config import Config, ConfigError, parse_config
+from sdswarm.config import Config, ConfigError, parse_config, set_dotted
 
 PROTOCOL = 1  # bump when the answers change shape; joiners refuse a relay that speaks another
 CONFIG_PATH = "/api/v1/config"
@@ -89,11 +89,7 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
     if not isinstance(config, dict):
         raise ExchangeError(f"relay {url} sent no training config in {CONFIG_PATH}")
     for dotted, value in (local_overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(config, dotted, value)
     if "source" not in config.get("data", {}):
         raise ExchangeError(
             f"the swarm at {url} trains on a folder on its mother's disk; give this node its own copy of the data "

@@ -12,6 +12,7 @@ from pathlib import Path
 import hivemind
 import psutil
 
+from sdswarm.atomic import write_atomic
 from sdswarm.swarm.exchange import ExchangeError, fetch_peers
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,7 @@ def remember_peers(output_dir: Path, addresses: Sequence[str]) -> None:
     lines = [a for a in dict.fromkeys(addresses) if a and "\n" not in a][:MAX_REMEMBERED]
     if not lines:
         return
-    path = output_dir / PEERS_FILE
-    tmp = path.with_name(f".{PEERS_FILE}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(output_dir / PEERS_FILE, "".join(f"{line}\n" for line in lines).encode("utf-8"))
 
 
 def remembered_peers(output_dir: Path) -> list[str]:

@@ -10,14 +10,14 @@ The file holds no secret: the peer's private key lives in its own file (`identit
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sdswarm.config import ConfigError
+from sdswarm.atomic import write_atomic
+from sdswarm.config import ConfigError, describe_errors
 
 Port = Annotated[int, Field(ge=0, le=65535, description="0 lets the system pick a free port")]
 SETTINGS_FILE = "node.yaml"
@@ -106,7 +106,7 @@ def load_settings(folder: Path) -> NodeSettings:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_errors(exc)}") from None
+        raise ConfigError(f"{path}: {'; '.join(describe_errors(exc, NodeSettings))}") from None
 
 
 def update_settings(settings: NodeSettings, changes: dict[str, Any]) -> NodeSettings:
@@ -114,30 +114,12 @@ def update_settings(settings: NodeSettings, changes: dict[str, Any]) -> NodeSett
     try:
         return NodeSettings.model_validate({**settings.model_dump(), **changes})
     except ValidationError as exc:
-        raise ConfigError(f"node settings: {describe_errors(exc)}") from None
+        raise ConfigError(f"node settings: {'; '.join(describe_errors(exc, NodeSettings))}") from None
 
 
 def save_settings(settings: NodeSettings, folder: Path) -> Path:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / SETTINGS_FILE
-    tmp = path.with_name(f".{SETTINGS_FILE}.tmp-{os.getpid()}")
-    tmp.write_text("# sdswarm node settings (see `sdswarm settings --help`)\n"
-                   + yaml.safe_dump(settings.model_dump(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    text = ("# sdswarm node settings (see `sdswarm settings --help`)\n"
+            + yaml.safe_dump(settings.model_dump(), sort_keys=False))
+    return write_atomic(Path(folder) / SETTINGS_FILE, text.encode("utf-8"), durable=True)
 
-
-def describe_errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}' (known: {', '.join(NodeSettings.model_fields)})")
-        elif key:
-            parts.append(f"'{key}' = {err['input']!r}: {message}")
-        else:
-            parts.append(message)
-    return "; ".join(parts)

@@ -13,13 +13,13 @@ names, which this module does not write.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from sdswarm.atomic import atomic_path
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, load_components
 from sdswarm.train.checkpoint import STATE_FILE, load_training_state
@@ -207,11 +207,6 @@ def save_single_file(components: SDComponents, out_path: str | Path, *, half: bo
     metadata = {"format": "pt", "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction_type,
                                                                                        prediction_type),
                 **(metadata or {})}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out_path, durable=True) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path

@@ -18,6 +18,7 @@ import hivemind
 import torch
 from tqdm.auto import tqdm
 
+from sdswarm.config import OutputConfig, Precision, TrainConfig
 from sdswarm.data.loader import Batch, BatchStream
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
@@ -29,26 +30,6 @@ from sdswarm.train.samples import render_grid, save_image
 from sdswarm.train.step import diffusion_loss, encode_latents, half_dtype
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopSettings:
-    max_steps: int | None
-    checkpoint_every: int
-    sample_every: int
-    log_every: int
-    ucg: float
-    fp16: bool
-    seed: int
-    sample_prompts: Sequence[str]
-    sample_size: tuple[int, int]
-    sample_steps: int
-    sample_guidance: float
-    bf16: bool = False  # never with fp16 (the config forbids it); no GradScaler needed
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    latent_cache_size: int = 0  # images whose VAE posterior is kept (train.cache_latents); 0: off
-    max_epochs: int | None = None  # swarm optimizer steps (global epochs), the same stop for every peer
 
 
 @dataclass
@@ -75,31 +56,41 @@ class Progress:
 
 
 class Trainer:
+    """Trains `trainable` (the UNet's parameters, and the text encoder's when they require grad) with the
+    `train` and `output` sections of the config, the how-to's `precision`, `ucg` and `resolution` (the sample
+    grids' size), and this peer's `seed` (noise, caption dropout, samples)."""
+
     def __init__(
         self,
         *,
         components: SDComponents,
         encoder: PromptEncoder,
-        train_text_encoder: bool,
-        stream: BatchStream,
-        optimizer: hivemind.Optimizer,
         trainable: Sequence[torch.nn.Parameter],
         ema: EMA | None,
+        latent_cache: LatentCache | None,
+        stream: BatchStream,
+        optimizer: hivemind.Optimizer,
         checkpoints: Checkpoints,
-        settings: LoopSettings,
-        output_dir: Path,
-        config_yaml: str,
         device: torch.device,
+        train: TrainConfig,
+        output: OutputConfig,
+        precision: Precision,
+        ucg: float,
+        resolution: int,
+        seed: int,
     ) -> None:
-        self.components, self.encoder, self.train_text_encoder = components, encoder, train_text_encoder
-        self.stream, self.optimizer, self.trainable, self.ema = stream, optimizer, list(trainable), ema
-        self.checkpoints, self.settings, self.config_yaml, self.device = checkpoints, settings, config_yaml, device
-        self.output_dir = Path(output_dir)
-        self.noise_generator = torch.Generator(device).manual_seed(settings.seed)
-        self.caption_rng = random.Random(settings.seed)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=settings.fp16 and device.type == "cuda")
-        self.autocast_dtype = half_dtype(fp16=settings.fp16, bf16=settings.bf16, device=device)
-        self.latent_cache = LatentCache(settings.latent_cache_size) if settings.latent_cache_size else None
+        self.components, self.encoder, self.trainable = components, encoder, list(trainable)
+        self.ema, self.latent_cache = ema, latent_cache
+        self.stream, self.optimizer, self.checkpoints, self.device = stream, optimizer, checkpoints, device
+        self.train, self.output, self.precision, self.ucg, self.resolution, self.seed = (
+            train, output, precision, ucg, resolution, seed)
+        self.output_dir = Path(output.dir)
+        # prepare_model decided it: the text encoder trains when its parameters require grad
+        self.train_text_encoder = any(p.requires_grad for p in components.text_encoder.parameters())
+        self.noise_generator = torch.Generator(device).manual_seed(seed)
+        self.caption_rng = random.Random(seed)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
+        self.autocast_dtype = half_dtype(precision, device)
         self.progress = Progress(target_batch_size=optimizer.target_batch_size)
         self._last_saved_step = -1
         self.checkpoint_requested = threading.Event()  # "save now" from the UI, honoured after this step
@@ -109,10 +100,10 @@ class Trainer:
 
     def run(self, stop: threading.Event) -> Progress:
         """Train until max_steps, max_epochs or until `stop` is set; always ends with a checkpoint and a sample grid."""
-        s, p = self.settings, self.progress
+        train, output, p = self.train, self.output, self.progress
         self.components.unet.train()
         self.components.text_encoder.train(self.train_text_encoder)
-        bar = tqdm(total=s.max_steps, initial=p.step, unit="step", dynamic_ncols=True, desc="training")
+        bar = tqdm(total=train.max_steps, initial=p.step, unit="step", dynamic_ncols=True, desc="training")
         window_start, window_samples = time.perf_counter(), 0
         try:
             batches = self.stream.iterate(p.data_pass, p.data_batch)
@@ -127,16 +118,16 @@ class Trainer:
                 self._read_swarm_progress()  # every step: telemetry publishes these more often than log_every
                 window_samples += len(batch.captions)
                 self._record_loss(loss)
-                if p.step % s.log_every == 0 or p.step == s.max_steps:
+                if p.step % output.log_every == 0 or p.step == train.max_steps:
                     now = time.perf_counter()
                     p.samples_per_second = window_samples / max(now - window_start, 1e-9)
                     window_start, window_samples = now, 0
                     self._publish(bar)
                 bar.update(1)
-                if p.step % s.checkpoint_every == 0 or self.checkpoint_requested.is_set():
+                if p.step % output.checkpoint_every == 0 or self.checkpoint_requested.is_set():
                     self.checkpoint_requested.clear()
                     self.save_checkpoint()
-                if p.step % s.sample_every == 0:
+                if p.step % output.sample_every == 0:
                     self.save_samples()
         except BaseException:
             log.exception("training stopped by an error at step %d; saving a checkpoint", p.step)
@@ -153,17 +144,16 @@ class Trainer:
         return p
 
     def finished(self) -> bool:
-        s = self.settings
-        if s.max_epochs is not None and self.optimizer.local_epoch >= s.max_epochs:
+        max_epochs, max_steps = self.train.max_epochs, self.train.max_steps
+        if max_epochs is not None and self.optimizer.local_epoch >= max_epochs:
             log.info("the swarm reached epoch %d (train.max_epochs): done", self.optimizer.local_epoch)
             return True
-        return s.max_steps is not None and self.progress.step >= s.max_steps
+        return max_steps is not None and self.progress.step >= max_steps
 
     def train_step(self, batch: Batch) -> float:
         """One local step: loss, backward, hand the gradient to hivemind (which steps when the swarm is ready)."""
         c = self.components
-        captions = drop_captions(batch.captions, self.settings.ucg, self.caption_rng)
-        s = self.settings
+        captions = drop_captions(batch.captions, self.ucg, self.caption_rng)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.latent_cache is not None:  # hashes the CPU pixels, encodes only images not seen this chunk
                 latents = self.latent_cache.latents(c.vae, batch.pixels, self.noise_generator)
@@ -172,7 +162,7 @@ class Trainer:
             with torch.set_grad_enabled(self.train_text_encoder):
                 embeddings = self.encoder(captions)
             loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeddings, self.noise_generator,
-                                  min_snr_gamma=s.min_snr_gamma, noise_offset=s.noise_offset)
+                                  min_snr_gamma=self.train.min_snr_gamma, noise_offset=self.train.noise_offset)
         value = loss.item()  # the step's one host sync
         if not math.isfinite(value):  # never hand a NaN to the swarm
             log.warning("non-finite loss %s at step %d: batch skipped", value, self.progress.step + 1)
@@ -202,18 +192,18 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.progress.step == self._last_saved_step:
             return None
-        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict(), self.config_yaml)
+        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict())
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path
 
     def save_samples(self) -> Path:
-        s = self.settings
+        out = self.output
         swap = self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext()
         with swap:
             grid = render_grid(
-                self.components, self.encoder, s.sample_prompts, width=s.sample_size[0], height=s.sample_size[1],
-                steps=s.sample_steps, guidance=s.sample_guidance, seed=s.seed,
+                self.components, self.encoder, out.sample_prompts, width=self.resolution, height=self.resolution,
+                steps=out.sample_steps, guidance=out.sample_guidance, seed=self.seed,
             )
         return save_image(grid, self.output_dir / "samples" / f"step_{self.progress.step:08d}.png")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from sdswarm.atomic import atomic_path
 from sdswarm.model.loading import SDComponents
 from sdswarm.model.text import PromptEncoder
 from sdswarm.train.checkpoint import as_pipeline
@@ -63,8 +63,6 @@ def render_grid(
 
 def save_image(image: Image.Image, path: Path) -> Path:
     """Write a PNG atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

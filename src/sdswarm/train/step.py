@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from sdswarm.config import Precision
 
-def half_dtype(*, fp16: bool, bf16: bool, device: torch.device) -> torch.dtype | None:
+
+def half_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype (autocast, frozen parts): on CUDA only; None means fp32 throughout."""
     if device.type != "cuda":
         return None
-    return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
 
 @torch.no_grad()

@@ -7,9 +7,10 @@ settings, never inside node.yaml: that file is meant to be read, copied and show
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from sdswarm.atomic import write_atomic
 
 TOKEN_FILE = "admin_token"
 _MIN_LENGTH = 16  # a hand-edited token shorter than this is too easy to guess
@@ -26,12 +27,8 @@ def load_or_create_token(folder: Path) -> str:
             return token
     folder.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{TOKEN_FILE}.tmp-{os.getpid()}")
     # created 0600 from the start: the token is never readable by others, not even for a moment
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (token + "\n").encode(), durable=True, mode=0o600)
     return token
 
 

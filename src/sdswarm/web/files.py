@@ -2,7 +2,7 @@
 
 Only what these listings return can be downloaded: a requested name is looked up in the listing, never
 joined onto a path, so `../`, absolute paths, symlinks out of the folder and odd names all answer 404.
-The layout is the one train/checkpoint.py and train/samples.py write (not imported: they pull in torch):
+The layout is the one train/checkpoint.py and train/samples.py write:
     OUTPUT/checkpoints/step_NNNNNNNN/   a diffusers folder + training_state.pt + config.yaml
     OUTPUT/checkpoints/step_NNNNNNNN/*.safetensors   a single-file export, when one was made
     OUTPUT/samples/step_NNNNNNNN.png
@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
+from sdswarm.train.checkpoint import CHECKPOINT_NAME, CONFIG_FILE, STATE_FILE
+
 SAMPLE_NAME = re.compile(r"^step_(\d{8,})\.png$")
-STATE_FILE = "training_state.pt"  # present once a checkpoint is complete (see train/checkpoint.py)
 # left out of every download: the checkpoint's config.yaml names this machine's folders (output, data source)
-PRIVATE_FILES = {"config.yaml"}
+PRIVATE_FILES = {CONFIG_FILE}
 CHUNK = 1 << 20
 
 
@@ -62,7 +62,7 @@ def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
         if not match or entry.is_symlink() or not entry.is_dir():
             continue
         path = Path(entry.path)
-        state = path / STATE_FILE
+        state = path / STATE_FILE  # present once a checkpoint is complete
         if not state.is_file():
             continue  # still being written or broken: never offered
         exports = sorted(p for p in path.glob("*.safetensors") if p.is_file() and not p.is_symlink())

@@ -1,4 +1,5 @@
-"""Aspect-ratio buckets: bucket generation, assignment, resizing and a one-bucket-per-batch sampler."""
+"""Aspect buckets (the aspect-ratio groups; "bucket" alone is where files live, data/bucket.py): their
+generation, assignment, resizing and a one-aspect-bucket-per-batch sampler."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sdswarm.data.images import to_rgb
 
 
 @dataclass(frozen=True, order=True)
-class Bucket:
+class AspectBucket:
     width: int
     height: int
 
@@ -29,14 +30,14 @@ class Bucket:
         return f"{self.width}x{self.height}"
 
 
-def _sort_key(bucket: Bucket) -> tuple[float, int, int]:
+def _sort_key(bucket: AspectBucket) -> tuple[float, int, int]:
     # Portrait -> square -> landscape, so tables and sampler order read naturally.
     return (bucket.aspect, bucket.width, bucket.height)
 
 
-def make_buckets(
+def make_aspect_buckets(
     resolution: int, side_min: int, side_max: int, step: int = 64, max_ratio: float = 2.0
-) -> list[Bucket]:
+) -> list[AspectBucket]:
     """Buckets whose sides are multiples of `step` in [side_min, side_max], area <= resolution**2 and
     aspect in [1/max_ratio, max_ratio]. For every width only the largest fitting height is kept (and vice
     versa), so each bucket spends the whole area budget; the square bucket of the largest valid side
@@ -61,16 +62,16 @@ def make_buckets(
         # Compare ratios by cross-multiplication so e.g. exactly 2:1 is not lost to float rounding.
         return w * h <= max_area and w <= max_ratio * h and h <= max_ratio * w
 
-    buckets: set[Bucket] = set()
+    buckets: set[AspectBucket] = set()
     for a in sides:
         best = max((b for b in sides if fits(a, b)), default=None)
         if best is not None:
-            buckets.add(Bucket(a, best))
-            buckets.add(Bucket(best, a))  # the same rule with the roles of width and height swapped
+            buckets.add(AspectBucket(a, best))
+            buckets.add(AspectBucket(best, a))  # the same rule with the roles of width and height swapped
 
     square = [s for s in sides if s <= resolution]
     if square:
-        buckets.add(Bucket(square[-1], square[-1]))
+        buckets.add(AspectBucket(square[-1], square[-1]))
     if not buckets:
         raise ValueError(
             f"no bucket fits: resolution={resolution}, sides in [{side_min}, {side_max}] step {step}, "
@@ -79,8 +80,8 @@ def make_buckets(
     return sorted(buckets, key=_sort_key)
 
 
-def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
-    """Bucket with the nearest aspect ratio in log space (2:1 and 1:2 are equally far from 1:1);
+def assign_aspect_bucket(width: int, height: int, buckets: Sequence[AspectBucket]) -> AspectBucket:
+    """The aspect bucket with the nearest aspect ratio in log space (2:1 and 1:2 are equally far from 1:1);
     ties -> larger area."""
     if not buckets:
         raise ValueError("no buckets to assign to")
@@ -94,7 +95,7 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
     return max(tied, key=lambda b: (b.area, b.width))
 
 
-def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
+def resize_to_aspect_bucket(image: Image.Image, bucket: AspectBucket) -> Image.Image:
     """Scale (LANCZOS) so the image covers the bucket, then center-crop to exactly the bucket size.
     Returns RGB; transparent areas are composited on white rather than left as arbitrary colour."""
     if image.mode != "RGB":  # images.decode already gives RGB: no copy then
@@ -112,7 +113,7 @@ def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     return image.crop((left, top, left + bucket.width, top + bucket.height))
 
 
-class BucketBatchSampler:
+class AspectBatchSampler:
     """Batches of item indices, each batch drawn from a single bucket and always exactly `batch_size` long.
 
     A bucket's last partial batch is topped up with other items of the same bucket (the next ones in that
@@ -120,20 +121,20 @@ class BucketBatchSampler:
     smaller than batch_size yields one batch with repeats. Usable as a DataLoader `batch_sampler`
     (call set_epoch before each pass)."""
 
-    def __init__(self, bucket_of: Sequence[Bucket], batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, bucket_of: Sequence[AspectBucket], batch_size: int, shuffle: bool = True, seed: int = 0):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        groups: dict[Bucket, list[int]] = {}
+        groups: dict[AspectBucket, list[int]] = {}
         for index, bucket in enumerate(bucket_of):
             groups.setdefault(bucket, []).append(index)
         # Fixed bucket order: the RNG consumption (and so the result) must not depend on dict insertion order.
-        self.groups: dict[Bucket, list[int]] = {b: groups[b] for b in sorted(groups, key=_sort_key)}
+        self.groups: dict[AspectBucket, list[int]] = {b: groups[b] for b in sorted(groups, key=_sort_key)}
 
-    def counts(self) -> dict[Bucket, int]:
+    def counts(self) -> dict[AspectBucket, int]:
         return {b: len(items) for b, items in self.groups.items()}
 
     def __len__(self) -> int:
@@ -161,7 +162,7 @@ class BucketBatchSampler:
         return iter(self.batches(self.epoch))
 
 
-def bucket_table(buckets: Sequence[Bucket], counts: Mapping[Bucket, int]) -> str:
+def aspect_bucket_table(buckets: Sequence[AspectBucket], counts: Mapping[AspectBucket, int]) -> str:
     """Human-readable table (size, aspect, item count) of all buckets, including empty ones."""
     rows = [(str(b), f"{b.aspect:.3f}", str(counts.get(b, 0))) for b in buckets]
     # Items in buckets not listed would otherwise silently vanish from the total.

@@ -5,22 +5,22 @@ import math
 import pytest
 from PIL import Image
 
-from sdswarm.data.buckets import (
-    Bucket,
-    BucketBatchSampler,
-    assign_bucket,
-    bucket_table,
-    make_buckets,
-    resize_to_bucket,
+from sdswarm.data.aspect import (
+    AspectBatchSampler,
+    AspectBucket,
+    aspect_bucket_table,
+    assign_aspect_bucket,
+    make_aspect_buckets,
+    resize_to_aspect_bucket,
 )
 
-B = Bucket
+B = AspectBucket
 
 
 def test_make_buckets_512():
     # By hand: sides 256..512 step 64, area <= 512*512, ratio <= 2. Every width w in {256,...,512} fits height
     # 512 (w*512 <= 512*512, 512/w <= 2), and symmetrically every height fits width 512.
-    assert make_buckets(512, 256, 512) == [
+    assert make_aspect_buckets(512, 256, 512) == [
         B(256, 512), B(320, 512), B(384, 512), B(448, 512),
         B(512, 512),
         B(512, 448), B(512, 384), B(512, 320), B(512, 256),
@@ -30,7 +30,7 @@ def test_make_buckets_512():
 def test_make_buckets_ratio_limits_and_dropped_side():
     # Sides {32, 64, 96}, area <= 4096: w=32 -> h=64 (h=96 breaks 2:1); w=64 -> h=64 (area);
     # w=96 -> area allows only h=32, ratio 3:1 > 2 -> no bucket with a 96 side at all.
-    assert make_buckets(64, 32, 96, step=32) == [B(32, 64), B(64, 64), B(64, 32)]
+    assert make_aspect_buckets(64, 32, 96, step=32) == [B(32, 64), B(64, 64), B(64, 32)]
 
 
 def test_make_buckets_adds_square_when_rule_skips_it():
@@ -38,7 +38,7 @@ def test_make_buckets_adds_square_when_rule_skips_it():
     # w=256 -> 512 (ratio), w=320 -> 576 (side_max), w=384 -> 576, w=448 -> 512 (558 floor),
     # w=512 -> 448 (488), w=576 -> 384 (434); plus mirrors. 448x448 is no "largest height" of any width,
     # but it is the square of the largest side <= 500 and must be added.
-    assert make_buckets(500, 256, 576) == [
+    assert make_aspect_buckets(500, 256, 576) == [
         B(256, 512), B(320, 576), B(384, 576), B(448, 512),
         B(448, 448),
         B(512, 448), B(576, 384), B(576, 320), B(512, 256),
@@ -47,7 +47,7 @@ def test_make_buckets_adds_square_when_rule_skips_it():
 
 def test_make_buckets_max_ratio():
     # max_ratio 1.5, sides {128, 192, 256}, area <= 65536: 128 -> 192; 192 -> 256 (ratio 1.33); 256 -> 256.
-    assert make_buckets(256, 128, 256, max_ratio=1.5) == [
+    assert make_aspect_buckets(256, 128, 256, max_ratio=1.5) == [
         B(128, 192), B(192, 256), B(256, 256), B(256, 192), B(192, 128),
     ]  # fmt: skip
 
@@ -63,7 +63,7 @@ def test_make_buckets_max_ratio():
 )
 def test_make_buckets_errors(args, match):
     with pytest.raises(ValueError, match=match):
-        make_buckets(*args)
+        make_aspect_buckets(*args)
 
 
 def test_aspect():
@@ -87,20 +87,20 @@ def test_aspect():
     ],
 )
 def test_assign_bucket(size, expected):
-    assert assign_bucket(*size, make_buckets(512, 256, 512)) == expected
+    assert assign_aspect_bucket(*size, make_aspect_buckets(512, 256, 512)) == expected
 
 
 def test_assign_bucket_uses_log_space():
     # Aspect 0.72 vs buckets 0.5 and 1.0: linear distance picks 0.5 (0.22 < 0.28), log picks 1.0
     # (|ln 0.72| = 0.329 < |ln 0.72 - ln 0.5| = 0.365).
-    assert assign_bucket(720, 1000, [B(64, 128), B(128, 128)]) == B(128, 128)
+    assert assign_aspect_bucket(720, 1000, [B(64, 128), B(128, 128)]) == B(128, 128)
 
 
 def test_assign_bucket_tie_prefers_larger_area():
     # A square image is equally far (ln 2) from 2:1 and 1:2 in log space; 192x96 has the larger area.
     # (In linear space 1:2 would win, |0.5 - 1| < |2 - 1|.)
-    assert assign_bucket(100, 100, [B(64, 128), B(192, 96)]) == B(192, 96)
-    assert assign_bucket(100, 100, [B(64, 64), B(128, 128)]) == B(128, 128)
+    assert assign_aspect_bucket(100, 100, [B(64, 128), B(192, 96)]) == B(192, 96)
+    assert assign_aspect_bucket(100, 100, [B(64, 64), B(128, 128)]) == B(128, 128)
 
 
 def _close(pixel, colour, tol=12):
@@ -116,7 +116,7 @@ def test_resize_center_crop_horizontal():
     img = Image.new("RGB", (300, 200))
     for i, c in enumerate((RED, GREEN, BLUE)):
         img.paste(c, (100 * i, 0, 100 * (i + 1), 200))
-    out = resize_to_bucket(img, B(128, 128))
+    out = resize_to_aspect_bucket(img, B(128, 128))
     assert out.size == (128, 128) and out.mode == "RGB"
     for y in (5, 64, 122):
         assert _close(out.getpixel((10, y)), RED)
@@ -134,7 +134,7 @@ def test_resize_center_crop_vertical_marked_center():
     img.paste(RED, (0, 0, 200, 100))
     img.paste(BLUE, (0, 300, 200, 400))
     img.paste((0, 0, 0), (90, 190, 110, 210))  # 20x20 centre mark -> about 13x13 at the output centre
-    out = resize_to_bucket(img, B(128, 128))
+    out = resize_to_aspect_bucket(img, B(128, 128))
     assert out.size == (128, 128)
     for xy in [(64, 4), (64, 123), (4, 64), (123, 64), (10, 10), (117, 117)]:
         assert _close(out.getpixel(xy), GREEN), xy
@@ -145,15 +145,15 @@ def test_resize_center_crop_vertical_marked_center():
 
 def test_resize_non_rgb_and_alpha():
     gray = Image.new("L", (40, 20), 128)
-    out = resize_to_bucket(gray, B(32, 32))
+    out = resize_to_aspect_bucket(gray, B(32, 32))
     assert out.mode == "RGB" and out.size == (32, 32)
     assert out.getpixel((16, 16)) == (128, 128, 128)
     clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
-    assert resize_to_bucket(clear, B(32, 32)).getpixel((16, 16)) == WHITE
+    assert resize_to_aspect_bucket(clear, B(32, 32)).getpixel((16, 16)) == WHITE
 
 
 def test_resize_upscale_exact_size():
-    out = resize_to_bucket(Image.new("RGB", (33, 77)), B(448, 512))
+    out = resize_to_aspect_bucket(Image.new("RGB", (33, 77)), B(448, 512))
     assert out.size == (448, 512)
 
 
@@ -164,7 +164,7 @@ A_IDX, B_IDX, C_IDX = [0, 2, 3, 5, 7, 8, 9, 11, 12, 13], [1, 6, 10], [4]
 
 
 def test_sampler_no_shuffle_exact():
-    s = BucketBatchSampler(ITEMS, batch_size=4, shuffle=False, seed=0)
+    s = AspectBatchSampler(ITEMS, batch_size=4, shuffle=False, seed=0)
     # Buckets by aspect (C 0.5, A 1, B 2); remainders topped up from the start of the same bucket.
     expected = [[4, 4, 4, 4], [0, 2, 3, 5], [7, 8, 9, 11], [12, 13, 0, 2], [1, 6, 10, 1]]
     assert s.batches(0) == expected
@@ -174,7 +174,7 @@ def test_sampler_no_shuffle_exact():
 
 
 def test_sampler_shuffle_properties():
-    s = BucketBatchSampler(ITEMS, batch_size=4, shuffle=True, seed=123)
+    s = AspectBatchSampler(ITEMS, batch_size=4, shuffle=True, seed=123)
     for epoch in range(20):
         batches = s.batches(epoch)
         assert len(batches) == 5  # ceil(10/4) + ceil(3/4) + ceil(1/4)
@@ -194,27 +194,27 @@ def test_sampler_shuffle_properties():
 
 
 def test_sampler_deterministic_and_epoch_dependent():
-    s1 = BucketBatchSampler(ITEMS, batch_size=4, shuffle=True, seed=7)
-    s2 = BucketBatchSampler(list(ITEMS), batch_size=4, shuffle=True, seed=7)
+    s1 = AspectBatchSampler(ITEMS, batch_size=4, shuffle=True, seed=7)
+    s2 = AspectBatchSampler(list(ITEMS), batch_size=4, shuffle=True, seed=7)
     assert s1.batches(3) == s2.batches(3)
     epochs = [s1.batches(e) for e in range(5)]
     assert len({str(b) for b in epochs}) == 5
-    assert BucketBatchSampler(ITEMS, 4, True, seed=8).batches(3) != s1.batches(3)
+    assert AspectBatchSampler(ITEMS, 4, True, seed=8).batches(3) != s1.batches(3)
     s1.set_epoch(3)
     assert list(s1) == s2.batches(3)
 
 
 def test_sampler_batch_order_mixes_buckets():
     items = [A_] * 40 + [B_] * 40
-    s = BucketBatchSampler(items, batch_size=4, shuffle=True, seed=0)
+    s = AspectBatchSampler(items, batch_size=4, shuffle=True, seed=0)
     firsts = [items[b[0]] for b in s.batches(0)]
     # Unshuffled it would be 10 A-batches then 10 B-batches.
     assert firsts != sorted(firsts, key=lambda b: b.aspect)
 
 
 def test_bucket_table():
-    buckets = make_buckets(512, 256, 512)
-    table = bucket_table(buckets, {B(512, 256): 3, B(512, 512): 5})
+    buckets = make_aspect_buckets(512, 256, 512)
+    table = aspect_bucket_table(buckets, {B(512, 256): 3, B(512, 512): 5})
     lines = table.splitlines()
     assert lines[0].split() == ["bucket", "aspect", "count"]
     row = next(line for line in lines if line.startswith("512x256"))

@@ -1,0 +1,32 @@
+"""The last lines of this node's log, kept in memory for its UI (the log panel)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+
+
+class LogTail(logging.Handler):
+    """The last lines of this node's log, kept in memory for its UI."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=capacity)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.lines.append(self.format(record))
+
+    @contextlib.contextmanager
+    def attached(self):
+        hivemind = logging.getLogger("hivemind")  # does not propagate unless logs.setup_logging said so
+        loggers = [logging.getLogger()] + ([] if hivemind.propagate else [hivemind])
+        for logger in loggers:
+            logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            for logger in loggers:
+                logger.removeHandler(self)
