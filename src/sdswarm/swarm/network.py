@@ -107,11 +107,12 @@ def remembered_peers(output_dir: Path) -> list[str]:
 
 def connected_peer_addresses(dht: hivemind.DHT) -> list[str]:
     """The DHT multiaddrs (with /p2p/ id) of the peers this node is connected to now."""
-    async def _list(_dht, node) -> list[str]:
-        return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs
-                if "/tcp/" in str(addr) and "p2p-circuit" not in str(addr)]
+    return dht.run_coroutine(_connected_addresses)
 
-    return dht.run_coroutine(_list)
+
+async def _connected_addresses(_dht: hivemind.DHT, node) -> list[str]:  # runs in the DHT process (picklable)
+    return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs
+            if "/tcp/" in str(addr) and "p2p-circuit" not in str(addr)]
 
 
 def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:
