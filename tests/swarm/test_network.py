@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from sdswarm.swarm.network import (
     PEERS_FILE,
     connected_peer_addresses,
@@ -23,6 +25,7 @@ def test_the_peers_file_round_trips_and_ignores_junk(tmp_path):
 
 
 def test_a_restart_rejoins_through_remembered_addresses_or_starts_alone_saying_so(caplog):
+    caplog.set_level(logging.INFO)
     first = start_dht(initial_peers=[], host_maddrs=LOOPBACK)
     second = start_dht(initial_peers=[str(a) for a in first.get_visible_maddrs()], host_maddrs=LOOPBACK)
     started = [first, second]
