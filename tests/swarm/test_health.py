@@ -20,7 +20,7 @@ def test_a_round_is_one_log_line_and_one_metrics_record(tmp_path, caplog):
     rounds = RoundLog(tmp_path / "metrics.jsonl", values=1_000_000, bytes_per_value=2.0)
     with caplog.at_level(logging.INFO):
         rounds.record("gradients", swarm_step=7, group_size=2, swarm_peers=3, outcome="partial", duration=1.25)
-    assert "round gradients step 7: partial, 2 of 3 peers, 1.2 s, 2.00 MB each way" in caplog.text
+    assert "averaging gradients, swarm step 7: partial, 2 of 3 peers, 1.2 s, 2.00 MB each way" in caplog.text
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["round"] == {"kind": "gradients", "swarm_step": 7, "group_size": 2, "swarm_peers": 3,
                                "outcome": "partial", "bytes_sent": 2_000_000, "bytes_received": 2_000_000,

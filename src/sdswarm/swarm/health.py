@@ -74,8 +74,8 @@ class RoundLog:
                       outcome=outcome, bytes_sent=size, bytes_received=size, duration=max(duration, 0.0),
                       time=time.time())
         level = logging.WARNING if outcome in ("failed", "partial") else logging.INFO
-        log.log(level, "round %s step %d: %s, %d of %d peers, %.1f s, %s each way", kind, swarm_step, outcome,
-                group_size, swarm_peers, entry.duration, _megabytes(size))
+        log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way", kind, swarm_step,
+                outcome, group_size, swarm_peers, entry.duration, _megabytes(size))
         with self._lock:
             self.recent.append(entry)
             self.counts[f"{kind} {outcome}"] += 1
