@@ -115,8 +115,8 @@ def pipeline(index: Path, work: Path, count: int, buckets, workers: int, url: st
                          workdir=WorkDir(work, 10**11), plan=plan, slot=0, decode_workers=workers)
     stream = BatchStream(chunks, buckets, batch_size=8, shuffle=True, seed=0, num_workers=workers)
     start, samples = time.perf_counter(), 0
-    for pass_index, _, batch in stream.iterate():
-        if pass_index == plan.rounds_per_epoch:
+    for round_index, _, batch in stream.iterate():
+        if round_index == plan.rounds_per_epoch:
             break
         samples += len(batch.captions)
     elapsed = time.perf_counter() - start

@@ -409,7 +409,7 @@ def measure(scenario: Scenario, args: argparse.Namespace, peers: dict[str, Peer]
         wait(lambda: mother.epoch() >= args.solo_epochs, f"the mother's {args.solo_epochs} solo epochs", 180)
     joiner.start()
     if scenario.late_join:
-        wait(lambda: "caught up: now at epoch" in joiner.log(), "the late joiner's first state download",
+        wait(lambda: "caught up: now at swarm step" in joiner.log(), "the late joiner's first state download",
              180 + args.averaging_timeout * scale * 2)
     wait(lambda: settled(peers), "two clean gradient rounds on both peers (no state download or failure since)",
          args.settle_timeout * scale)
@@ -431,7 +431,7 @@ def measure(scenario: Scenario, args: argparse.Namespace, peers: dict[str, Peer]
 def join_figures(joiner: Peer, timeline: Timeline, result: Result) -> None:
     joined = joiner.log_time("joining run")
     asked = joiner.log_time("downloading the current state")
-    done = joiner.log_time("caught up: now at epoch")
+    done = joiner.log_time("caught up: now at swarm step")
     in_sync = joiner.log_time(TWO_PEERS)
     since = lambda t: t - joiner.started_at if t else float("nan")  # noqa: E731
     result.start_to_join, result.start_to_download = since(joined), since(asked)

@@ -99,3 +99,23 @@ def test_config_round_trips_through_yaml(tmp_path):
     saved = tmp_path / "saved.yaml"
     saved.write_text(config.to_yaml())
     assert load_config(saved) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "keys"),
+    [
+        ({"model": "x", "modle": 1}, ("modle",)),
+        ({"model": "x", "train": {"max_steps": -1}}, ("train.max_steps",)),
+        ({"model": "x", "buckets_side_min": 1024}, ("buckets_side_min", "buckets_side_max")),
+        ({"model": "x", "fp16": True, "train": {"mixed_precision": "bf16"}}, ("fp16", "train.mixed_precision")),
+    ],
+)
+def test_errors_carry_the_keys_to_fix(data, keys):
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert error.value.keys == keys
+
+
+def test_the_old_name_of_max_swarm_steps_still_reads():
+    assert parse_config({"model": "x", "train": {"max_epochs": 3}}).train.max_swarm_steps == 3
+    assert parse_config({"model": "x", "train": {"max_swarm_steps": 4}}).train.max_swarm_steps == 4

@@ -8,11 +8,12 @@ The how-to's 17 keys stay flat at the top level with their names and meaning, so
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
@@ -20,7 +21,20 @@ Precision = Literal["fp16", "bf16", "no"]
 
 
 class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the key, the value and what is allowed."""
+    """A config (or node settings) that cannot be used; the message names the key, the value and what is
+    allowed, and `keys` lists the dotted keys at fault (for a form to mark)."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+
+class CrossKeyError(ValueError):
+    """A rule over several keys, raised by a model validator; `keys` are the ones it concerns."""
+
+    def __init__(self, message: str, *keys: str) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class Section(BaseModel):
@@ -59,9 +73,10 @@ class DataConfig(Section):
 class TrainConfig(Section):
     batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="samples per local step")
     max_steps: PositiveInt | None = Field(None, description="stop after this many local steps; none: run on")
-    max_epochs: PositiveInt | None = Field(
-        None, description="stop when the swarm has made this many optimizer steps: every peer stops at the same "
-        "point with the same weights; none: run on"
+    max_swarm_steps: PositiveInt | None = Field(
+        None, validation_alias=AliasChoices("max_swarm_steps", "max_epochs"),  # its old name still reads
+        description="stop when the swarm has made this many swarm steps (optimizer steps of the whole swarm): "
+        "every peer stops at the same point with the same weights; none: run on",
     )
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
@@ -155,15 +170,18 @@ class Config(Section):
     def _check_buckets(self) -> Config:
         step = self.data.bucket_step
         if self.buckets_side_min > self.buckets_side_max:
-            raise ValueError(
-                f"buckets_side_min ({self.buckets_side_min}) must not exceed buckets_side_max ({self.buckets_side_max})"
+            raise CrossKeyError(
+                f"buckets_side_min ({self.buckets_side_min}) must not exceed "
+                f"buckets_side_max ({self.buckets_side_max})", "buckets_side_min", "buckets_side_max",
             )
         for key in ("buckets_side_min", "buckets_side_max", "resolution"):
             if getattr(self, key) % step:
-                raise ValueError(f"{key} ({getattr(self, key)}) must be a multiple of data.bucket_step ({step})")
+                raise CrossKeyError(f"{key} ({getattr(self, key)}) must be a multiple of data.bucket_step ({step})",
+                                    key, "data.bucket_step")
         if self.buckets_side_min > self.resolution:
-            raise ValueError(
-                f"buckets_side_min ({self.buckets_side_min}) must not exceed resolution ({self.resolution})"
+            raise CrossKeyError(
+                f"buckets_side_min ({self.buckets_side_min}) must not exceed resolution ({self.resolution})",
+                "buckets_side_min", "resolution",
             )
         return self
 
@@ -171,9 +189,9 @@ class Config(Section):
     def _check_precision(self) -> Config:
         # the how-to's fp16: True always means fp16; a different train.mixed_precision would be silently ignored
         if self.fp16 and self.train.mixed_precision not in (None, "fp16"):
-            raise ValueError(
+            raise CrossKeyError(
                 f"fp16: True conflicts with train.mixed_precision: {self.train.mixed_precision}; "
-                "set fp16: False to use it"
+                "set fp16: False to use it", "fp16", "train.mixed_precision",
             )
         return self
 
@@ -194,7 +212,8 @@ def parse_config(data: Any, source: str = "config") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = describe_errors(exc, Config)
-        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines),
+                          error_keys(exc)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -226,6 +245,16 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
 def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
     """One line per problem of a `model` (Config, NodeSettings): the key, the value and what is allowed."""
     return [_describe(err, model) for err in exc.errors()]
+
+
+def error_keys(exc: ValidationError) -> list[str]:
+    """The dotted keys the problems are about, each once: a value's own key, or those a cross-key rule names."""
+    keys: list[str] = []
+    for err in exc.errors():
+        cause = err.get("ctx", {}).get("error")
+        found = [".".join(str(part) for part in err["loc"])] if err["loc"] else list(getattr(cause, "keys", ()))
+        keys += [key for key in found if key not in keys]
+    return keys
 
 
 def _describe(err: Any, model: type[BaseModel]) -> str:

@@ -5,20 +5,52 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from sdswarm.data.chunks import DataStats
 from sdswarm.swarm.settings import SETTINGS_FILE, NodeSettings, load_settings, save_settings, update_settings
 from sdswarm.swarm.telemetry import SwarmView
-from sdswarm.train.loop import Trainer
+from sdswarm.train.loop import METRICS_FILE, Trainer
 from sdswarm.web.log_tail import LogTail
 
 log = logging.getLogger(__name__)
 
 SWARM_REFRESH = 2.0  # seconds between DHT reads for the UI, however often it polls
+
+
+class MetricsHistory:
+    """The newest `keep` records of a JSON-lines file the trainer appends to (metrics.jsonl), read incrementally:
+    each call reads only the bytes appended since the last one."""
+
+    def __init__(self, path: Path, keep: int = 20_000) -> None:
+        self.path = path
+        self.records: deque[dict] = deque(maxlen=keep)
+        self._offset = 0  # bytes of the file already read: complete lines only
+        self._lock = threading.Lock()  # the UI's server threads may ask at once
+
+    def read(self) -> list[dict]:
+        with self._lock:
+            try:
+                with open(self.path, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    if size < self._offset:  # a new file in its place (another run in this folder): start over
+                        self.records.clear()
+                        self._offset = 0
+                    handle.seek(self._offset)
+                    appended = handle.read(size - self._offset)
+            except FileNotFoundError:
+                return []
+            complete = appended[: appended.rfind(b"\n") + 1]  # a line still being written waits for the next call
+            self._offset += len(complete)
+            for line in complete.splitlines():
+                with contextlib.suppress(ValueError):
+                    self.records.append(json.loads(line))
+            return list(self.records)
 
 
 class NodeControls:
@@ -47,6 +79,7 @@ class NodeControls:
         self.quit = quit  # Ctrl-C, SIGTERM: the node exits once training stopped
         self.resume = threading.Event()  # start() after a stop
         self._swarm_cache: tuple[float, dict] = (-SWARM_REFRESH, {})
+        self._history = MetricsHistory(self.output_dir / METRICS_FILE)
         self._save_lock = threading.Lock()
 
     # --- read ---
@@ -75,14 +108,7 @@ class NodeControls:
         return view
 
     def history(self) -> list[dict]:
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines()[-20_000:]:
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-        return records
+        return self._history.read()
 
     def log_tail(self, lines: int) -> list[str]:
         return list(self._log_tail.lines)[-lines:]

@@ -187,7 +187,8 @@ def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
 
 def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False,
                peers: Sequence[str] = ()) -> RunSummary:
-    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_epochs or a signal.
+    """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_swarm_steps or a
+    signal.
 
     A mother that restarts rejoins the swarm it left: it tries `peers` (relays' I.E addresses or DHT multiaddrs)
     and, with `resume`, the peers it last saw (OUTPUT/peers), before starting alone."""
@@ -338,13 +339,13 @@ def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchSt
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
-    """Train until max_steps, max_epochs or a signal. A stop from the UI pauses training (after a checkpoint) and the
-    node stays up, serving its UI, until it is started again or told to quit."""
+    """Train until max_steps, max_swarm_steps or a signal. A stop from the UI pauses training (after a checkpoint)
+    and the node stays up, serving its UI, until it is started again or told to quit."""
     while True:
         controls.state = "training"
         trainer.run(controls.stop_training)
         if controls.quit.is_set() or not controls.stop_training.is_set():
-            return  # a signal, or max_steps / max_epochs reached
+            return  # a signal, or max_steps / max_swarm_steps reached
         controls.state = "stopped"
         trainer.progress.samples_per_second = 0.0
         withdraw_progress(trainer.optimizer)
@@ -361,10 +362,10 @@ def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmCon
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
-        log.info("the swarm is at epoch %d, this peer at %d: downloading the current state from peers",
+        log.info("the swarm is at swarm step %d, this peer at %d: downloading the current state from peers",
                  optimizer.tracker.global_epoch, optimizer.local_epoch)
         optimizer.load_state_from_peers()
-        log.info("caught up: now at epoch %d", optimizer.local_epoch)
+        log.info("caught up: now at swarm step %d", optimizer.local_epoch)
         return True
     # peers reporting samples to hivemind: the swarm is under way (a late joiner, a restart within the current
     # swarm step), and the barrier it would wait at has passed

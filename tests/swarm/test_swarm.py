@@ -39,8 +39,8 @@ def unet_weights(peer: Peer) -> dict[str, torch.Tensor]:
 
 
 def test_three_peers_train_one_model(peers):
-    # train.max_epochs is the swarm's (joiners get it from the relay): all three stop after the same optimizer step
-    mother = peers("mother", max_steps=400, **{"swarm.min_peers": 3, "train.max_epochs": 6}).start()
+    # train.max_swarm_steps is the swarm's (joiners get it from the relay): all three stop after the same swarm step
+    mother = peers("mother", max_steps=400, **{"swarm.min_peers": 3, "train.max_swarm_steps": 6}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     joiners = [peers(f"joiner{i}", join=mother.address, max_steps=400).start() for i in (1, 2)]
     everyone = [mother, *joiners]
@@ -55,7 +55,7 @@ def test_three_peers_train_one_model(peers):
     for joiner in joiners:  # the demo is a real bucket: joiners fetch its files from the relay they joined
         assert f"files from Bucket('http://{mother.address}/api/v1/data/" in joiner.log()
     for peer in everyone:
-        assert "the swarm reached epoch 6 (train.max_epochs)" in peer.log(), f"{peer.name} stopped elsewhere"
+        assert "the swarm reached swarm step 6 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
         assert peer.log().count("Averaged gradients with") >= 3, f"{peer.name} hardly ever averaged"
         start, end = peer.eval_losses()
         assert end < 0.8 * start, f"{peer.name}: eval loss {start} -> {end}"
@@ -65,7 +65,7 @@ def test_three_peers_train_one_model(peers):
     weights = [unet_weights(peer) for peer in everyone]
     moved = l2(weights[0][k] - initial[k] for k in initial)
     apart = max(l2(w[k] - weights[0][k] for k in initial) for w in weights[1:])
-    # independent runs differ by about as much as they moved (ratio ~1), peers with one unshared epoch by ~0.1,
+    # independent runs differ by about as much as they moved (ratio ~1), peers with one unshared swarm step by ~0.1,
     # peers that shared every round by fp16 rounding only (~0.005)
     assert moved > 1e-2 and apart < 0.2 * moved, (moved, apart)
     # no two peers trained the same posts in the same round: distinct slots of the shard plan, round by round
@@ -86,10 +86,10 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     mother = peers("mother", max_steps=1000, **{"swarm.min_peers": 2}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     first = peers("first", join=mother.address, max_steps=1000).start()
-    mother.wait_until(lambda: mother.epoch() >= 3, "epoch 3")
+    mother.wait_until(lambda: mother.epoch() >= 3, "swarm step 3")
 
     late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point
-    late.wait_until(lambda: "caught up: now at epoch" in late.log(), "downloading the state")
+    late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state")
     late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "averaging with all three")
 
     first.signal(signal.SIGKILL)

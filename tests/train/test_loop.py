@@ -69,8 +69,8 @@ def test_resume_continues_with_the_same_step_count_and_optimizer_state(tmp_path,
         run_mother(load_config(ROOT / "configs" / "tiny.yaml", overrides), settings=LOOPBACK, resume=True)
     trainer = captured["trainer"]
     assert trainer.progress.step == 12
-    assert (trainer.progress.data_pass, trainer.progress.data_batch) == (
-        saved["progress"]["data_pass"], saved["progress"]["data_batch"])
+    assert (trainer.progress.data_round, trainer.progress.data_batch) == (
+        saved["progress"]["data_round"], saved["progress"]["data_batch"])
     restored = trainer.optimizer.state_dict()
     assert restored["state"]["local_epoch"] == saved["optimizer"]["state"]["local_epoch"] > 0
     for index, expected in saved["optimizer"]["state"].items():

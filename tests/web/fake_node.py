@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdswarm.atomic import atomic_path
 from sdswarm.swarm.settings import NodeSettings, save_settings, update_settings
 
 MODEL_FILES = {  # a checkpoint's files (the diffusers layout) with small stand-in contents
@@ -85,16 +86,15 @@ class FakeNode:
         final = root / f"step_{step:08d}"
         if final.exists():  # asked twice at one step: the one there is it
             return final
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        for rel, content in MODEL_FILES.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(content)
-        # as the real one: the config names this machine's folders, so the UI must never hand it out
-        (tmp / "config.yaml").write_text(f"output:\n  dir: {self.output_dir}\n", encoding="utf-8")
-        (tmp / "training_state.pt").write_bytes(b"state" * 1000)
-        if single_file:
-            (tmp / f"{final.name}.safetensors").write_bytes(b"single-file-export" * 100)
-        os.rename(tmp, final)
+        with atomic_path(final) as tmp:
+            for rel, content in MODEL_FILES.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(content)
+            # as the real one: the config names this machine's folders, so the UI must never hand it out
+            (tmp / "config.yaml").write_text(f"output:\n  dir: {self.output_dir}\n", encoding="utf-8")
+            (tmp / "training_state.pt").write_bytes(b"state" * 1000)
+            if single_file:
+                (tmp / f"{final.name}.safetensors").write_bytes(b"single-file-export" * 100)
         return final
 
     def write_sample(self, step: int) -> Path:

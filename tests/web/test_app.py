@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sdswarm.web import files
 from sdswarm.web.auth import TOKEN_FILE
 from tests.web.conftest import TOKEN, serve
 from tests.web.fake_node import FakeNode
@@ -245,7 +246,7 @@ def test_checkpoint_listing_offers_complete_checkpoints_only(served):
     out = served.node.output_dir
     served.node.write_checkpoint(10)
     served.node.write_checkpoint(20, single_file=True)
-    (out / "checkpoints" / ".tmp-step_00000030-123").mkdir()  # being written
+    (out / "checkpoints" / ".step_00000030.123-0123abcd.tmp").mkdir()  # being written
     (out / "checkpoints" / "step_00000040").mkdir()  # no training state: incomplete
     (out / "checkpoints" / "notes.txt").write_text("x")
     answer = served.get("/api/ui/checkpoints")
@@ -254,6 +255,22 @@ def test_checkpoint_listing_offers_complete_checkpoints_only(served):
     assert listing[0]["single_file"] == "/api/ui/checkpoints/step_00000020/single-file"
     assert listing[1]["single_file"] is None and listing[1]["model_bytes"] > 0
     assert_private(answer.body, served.node)
+
+
+def test_checkpoint_listing_is_rebuilt_only_when_the_folder_changes(served, monkeypatch):
+    sized = []
+    real_size = files.folder_size
+    monkeypatch.setattr(files, "folder_size", lambda c, **kw: sized.append(c.name) or real_size(c, **kw))
+    served.node.write_checkpoint(10)
+    for _ in range(3):
+        assert [c["name"] for c in served.get("/api/ui/checkpoints").json()["checkpoints"]] == ["step_00000010"]
+    assert sized == ["step_00000010"]  # three polls, one walk over the checkpoint's files
+    served.node.write_checkpoint(20)
+    assert [c["name"] for c in served.get("/api/ui/checkpoints").json()["checkpoints"]] == ["step_00000020",
+                                                                                          "step_00000010"]
+    (served.node.output_dir / "checkpoints" / "step_00000010" / "step_00000010.safetensors").write_bytes(b"x")
+    listing = served.get("/api/ui/checkpoints").json()["checkpoints"]
+    assert listing[1]["single_file"] == "/api/ui/checkpoints/step_00000010/single-file"  # an export shows up
 
 
 def test_checkpoint_zip_is_a_loadable_folder_without_the_local_config(served):

@@ -117,9 +117,9 @@ class AspectBatchSampler:
     """Batches of item indices, each batch drawn from a single bucket and always exactly `batch_size` long.
 
     A bucket's last partial batch is topped up with other items of the same bucket (the next ones in that
-    bucket's epoch order, wrapping around), so no item is dropped and small buckets still train; a bucket
+    bucket's order in this pass, wrapping around), so no item is dropped and small buckets still train; a bucket
     smaller than batch_size yields one batch with repeats. Usable as a DataLoader `batch_sampler`
-    (call set_epoch before each pass)."""
+    (call set_epoch, DataLoader's name for it, before each pass)."""
 
     def __init__(self, bucket_of: Sequence[AspectBucket], batch_size: int, shuffle: bool = True, seed: int = 0):
         if batch_size <= 0:
@@ -140,9 +140,10 @@ class AspectBatchSampler:
     def __len__(self) -> int:
         return sum(math.ceil(len(items) / self.batch_size) for items in self.groups.values())
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    def batches(self, pass_index: int) -> list[list[int]]:
+        """The batches of one pass: an order of their own each pass, the same for the same (seed, pass)."""
         # String seeds are hashed with SHA-512 by `random`, so this is stable across processes and runs.
-        rng = random.Random(f"{self.seed}:{epoch}")
+        rng = random.Random(f"{self.seed}:{pass_index}")
         out: list[list[int]] = []
         for items in self.groups.values():
             order = list(items)

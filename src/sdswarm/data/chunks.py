@@ -310,8 +310,8 @@ def open_chunks(
     captions = CaptionSettings(tuple(data.caption_categories), data.caption_separator,
                                data.caption_escape_parentheses)
     cache = WorkDir(workdir, int(data.workdir_max_gb * 1e9), caption_key=captions.key())
-    log.info("data: %d posts in %s, files from %s; slot %s of %d; about %d posts per chunk, %d rounds per pass "
-             "over the index; work dir %s (%d pairs cached)", len(index), index.path, bucket,
+    log.info("data: %d posts in %s, files from %s; slot %s of %d; about %d posts per chunk, %d rounds per data "
+             "epoch (a walk over the whole index); work dir %s (%d pairs cached)", len(index), index.path, bucket,
              "chosen each round" if slot is None else slot, data.shards,
              len(index) // plan.chunks_per_epoch, plan.rounds_per_epoch, workdir, len(cache))
     return ChunkSource(index=index, bucket=bucket, workdir=cache, plan=plan, slot=slot, choose_slot=choose_slot,

@@ -1,7 +1,7 @@
-"""Batches for the trainer: pass p trains round p's chunk of pairs, one aspect bucket per batch, decoded ahead.
+"""Batches for the trainer: round r's chunk of pairs in one pass, one aspect bucket per batch, decoded ahead.
 
-A position (pass, batch) says where the stream is, so a resumed run continues where it stopped: a pass's
-batches depend only on (seed, pass) and the pairs its chunk yielded. Images are decoded in threads (Pillow
+A position (round, batch) says where the stream is, so a resumed run continues where it stopped: a round's
+batches depend only on (seed, round) and the pairs its chunk yielded. Images are decoded in threads (Pillow
 releases the GIL while decoding and resizing), so no worker processes are forked beside hivemind's.
 """
 
@@ -72,7 +72,7 @@ class CaptionShuffle:
 
 
 @dataclass
-class PassPlan:
+class RoundPlan:
     pairs: list[Pair]
     bucket_of: list[AspectBucket]
     batches: list[list[int]]  # indices into pairs, one bucket each
@@ -84,7 +84,7 @@ def to_tensor(image) -> torch.Tensor:
 
 
 class BatchStream:
-    """Endless batches, pass after pass; `iterate(pass, batch)` starts anywhere."""
+    """Endless batches, round after round; `iterate(round, batch)` starts anywhere."""
 
     def __init__(
         self,
@@ -101,27 +101,27 @@ class BatchStream:
         self.chunks, self.buckets = chunks, list(buckets)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_workers, self.caption_shuffle, self.max_pixels = num_workers, caption_shuffle, max_pixels
-        self._plans: dict[int, PassPlan] = {}
+        self._plans: dict[int, RoundPlan] = {}
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="sdswarm-load") if num_workers else None
 
-    def plan(self, pass_index: int) -> PassPlan:
-        """The pairs and the batches (lists of indices, one bucket each) of one pass."""
-        if pass_index not in self._plans:
+    def plan(self, round_index: int) -> RoundPlan:
+        """The pairs and the batches (lists of indices, one bucket each) of one round."""
+        if round_index not in self._plans:
             pairs, bucket_of = [], []
-            for pair in self.chunks.pairs(pass_index):
+            for pair in self.chunks.pairs(round_index):
                 if pair.size is None:
-                    pair.size = self._probe(pair)  # once: a fixed chunk is planned again each pass
+                    pair.size = self._probe(pair)  # once: a fixed chunk is planned again each round
                 size = pair.size
                 if size is not None:
                     pairs.append(pair)
                     bucket_of.append(assign_aspect_bucket(*size, self.buckets))
             sampler = AspectBatchSampler(bucket_of, self.batch_size, shuffle=self.shuffle, seed=self.seed)
-            self._plans = {p: v for p, v in self._plans.items() if p == pass_index - 1}  # describe() then pass 0
-            self._plans[pass_index] = PassPlan(pairs, bucket_of, sampler.batches(pass_index) if pairs else [])
-        return self._plans[pass_index]
+            self._plans = {p: v for p, v in self._plans.items() if p == round_index - 1}  # describe() then round 0
+            self._plans[round_index] = RoundPlan(pairs, bucket_of, sampler.batches(round_index) if pairs else [])
+        return self._plans[round_index]
 
-    def describe(self, pass_index: int = 0) -> str:
-        return aspect_bucket_table(self.buckets, Counter(self.plan(pass_index).bucket_of))
+    def describe(self, round_index: int = 0) -> str:
+        return aspect_bucket_table(self.buckets, Counter(self.plan(round_index).bucket_of))
 
     def stats(self) -> DataStats:
         return self.chunks.stats()
@@ -131,34 +131,34 @@ class BatchStream:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.chunks.close()
 
-    def iterate(self, start_pass: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Batch]]:
-        """Yield (pass, index of the batch in its pass, batch) from the given position on."""
-        pass_index, skip, empty = start_pass, start_batch, 0
+    def iterate(self, start_round: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Batch]]:
+        """Yield (round, index of the batch in its round, batch) from the given position on."""
+        round_index, skip, empty = start_round, start_batch, 0
         while True:
-            plan = self.plan(pass_index)
+            plan = self.plan(round_index)
             if not plan.pairs:
                 empty += 1
-                log.warning("pass %d has no usable pairs (%s)", pass_index, self.stats().summary())
+                log.warning("round %d has no usable pairs (%s)", round_index, self.stats().summary())
                 if empty >= MAX_EMPTY_PASSES:
                     raise RuntimeError(f"{empty} passes in a row without a usable pair: check data.source and "
                                        f"data.index ({self.stats().summary()})")
             else:
                 empty = 0
-            for batch_index, batch in self._load(pass_index, plan, skip):
-                yield pass_index, batch_index, batch
-            pass_index, skip = pass_index + 1, 0
+            for batch_index, batch in self._load(round_index, plan, skip):
+                yield round_index, batch_index, batch
+            round_index, skip = round_index + 1, 0
 
-    def _load(self, pass_index: int, plan: PassPlan, skip: int) -> Iterator[tuple[int, Batch]]:
+    def _load(self, round_index: int, plan: RoundPlan, skip: int) -> Iterator[tuple[int, Batch]]:
         todo = list(enumerate(plan.batches))[skip:]
         if self._pool is None:
             for batch_index, indices in todo:
-                if (batch := self._batch(pass_index, plan, indices)) is not None:
+                if (batch := self._batch(round_index, plan, indices)) is not None:
                     yield batch_index, batch
             return
         pending: deque[tuple[int, Future[Batch | None]]] = deque()
         try:
             for batch_index, indices in todo:
-                pending.append((batch_index, self._pool.submit(self._batch, pass_index, plan, indices)))
+                pending.append((batch_index, self._pool.submit(self._batch, round_index, plan, indices)))
                 if len(pending) > self.num_workers:  # one batch ready ahead; each holds B x 3 x H x W floats
                     yield from self._ready(pending.popleft())
             while pending:
@@ -173,7 +173,7 @@ class BatchStream:
         if (batch := future.result()) is not None:
             yield batch_index, batch
 
-    def _batch(self, pass_index: int, plan: PassPlan, indices: list[int]) -> Batch | None:
+    def _batch(self, round_index: int, plan: RoundPlan, indices: list[int]) -> Batch | None:
         pixels, captions = [], []
         for i in indices:
             pair, bucket = plan.pairs[i], plan.bucket_of[i]
@@ -184,7 +184,7 @@ class BatchStream:
                 log.warning("%s left out of its batch: %s", pair.image, rejected)
                 continue
             pixels.append(to_tensor(resize_to_aspect_bucket(image, bucket)))
-            captions.append(self._caption(pair, pass_index))
+            captions.append(self._caption(pair, round_index))
         if not pixels:
             return None
         for j in range(len(indices) - len(pixels)):  # keep the batch size: repeat what did load
@@ -192,11 +192,11 @@ class BatchStream:
             captions.append(captions[j % len(captions)])
         return Batch(pixels=torch.stack(pixels), captions=captions)
 
-    def _caption(self, pair: Pair, pass_index: int) -> str:
+    def _caption(self, pair: Pair, round_index: int) -> str:
         s = self.caption_shuffle
         if s is None:
             return pair.caption
-        rng = random.Random(f"{self.seed}:caption:{pass_index}:{pair.image.name}")  # same on a resumed run
+        rng = random.Random(f"{self.seed}:caption:{round_index}:{pair.image.name}")  # same on a resumed run
         return shuffle_tags(pair.caption, s.separator, s.keep_first, rng)
 
     def _probe(self, pair: Pair) -> tuple[int, int] | None:

@@ -151,7 +151,7 @@ def spread(fingerprints: dict[str, list[FingerprintEntry]]) -> tuple[int, float,
 def finish_pending_rounds(optimizer: hivemind.Optimizer) -> None:
     """Wait for the parameter round hivemind runs in the background after a swarm step, and apply its result.
 
-    Without this a peer that stops right after a swarm step (train.max_epochs, a signal) saves the weights it had
+    Without this a peer that stops right after a swarm step (train.max_swarm_steps, a signal) saves the weights it had
     before the swarm averaged them: the round that would merge a peer's step on local gradients (after a failed
     gradient round) lands after the checkpoint, and the peers end as different models."""
     averager = getattr(optimizer, "state_averager", None)

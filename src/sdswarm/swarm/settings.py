@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdswarm.atomic import write_atomic
-from sdswarm.config import ConfigError, describe_errors
+from sdswarm.config import ConfigError, CrossKeyError, describe_errors, error_keys
 
 Port = Annotated[int, Field(ge=0, le=65535, description="0 lets the system pick a free port")]
 SETTINGS_FILE = "node.yaml"
@@ -63,8 +63,9 @@ class NodeSettings(BaseModel):
         for kind in ("ie", "dht"):
             internal, external = getattr(self, f"{kind}_port_internal"), getattr(self, f"{kind}_port_external")
             if internal == 0 and external not in (None, 0):
-                raise ValueError(f"{kind}_port_external ({external}) needs a fixed {kind}_port_internal, not 0: "
-                                 "a forwarded port must point at a known internal port")
+                raise CrossKeyError(f"{kind}_port_external ({external}) needs a fixed {kind}_port_internal, not 0: "
+                                    "a forwarded port must point at a known internal port",
+                                    f"{kind}_port_external", f"{kind}_port_internal")
         return self
 
     @property
@@ -106,7 +107,7 @@ def load_settings(folder: Path) -> NodeSettings:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {'; '.join(describe_errors(exc, NodeSettings))}") from None
+        raise ConfigError(f"{path}: {'; '.join(describe_errors(exc, NodeSettings))}", error_keys(exc)) from None
 
 
 def update_settings(settings: NodeSettings, changes: dict[str, Any]) -> NodeSettings:
@@ -114,7 +115,8 @@ def update_settings(settings: NodeSettings, changes: dict[str, Any]) -> NodeSett
     try:
         return NodeSettings.model_validate({**settings.model_dump(), **changes})
     except ValidationError as exc:
-        raise ConfigError(f"node settings: {'; '.join(describe_errors(exc, NodeSettings))}") from None
+        raise ConfigError(f"node settings: {'; '.join(describe_errors(exc, NodeSettings))}",
+                          error_keys(exc)) from None
 
 
 def save_settings(settings: NodeSettings, folder: Path) -> Path:

@@ -30,7 +30,7 @@ class PeerMetrics(BaseModel):
     samples_seen: int = 0
     loss: float | None = None  # smoothed
     samples_per_second: float = 0.0
-    local_epoch: int = 0
+    local_epoch: int = 0  # the swarm step its weights are at (hivemind's name, as every peer reads it)
     data_slot: int | None = None  # its slot in the shard plan (data/shards.py); None until chosen
     grad_norm: float | None = None  # the averaged gradient's norm at its last swarm step, before clipping
     rounds: list[Round] = Field(default_factory=list, max_length=RECENT_ROUNDS)  # its latest averaging rounds
@@ -44,7 +44,7 @@ class SwarmView(BaseModel):
     """The swarm's state as this node sees it: what `sdswarm status` prints and the dashboard shows."""
 
     run_id: str
-    epoch: int  # the largest epoch any peer reports, as hivemind defines the global epoch
+    epoch: int  # the newest swarm step any peer reports (hivemind's global epoch; the I.E answer's field name)
     samples_toward_target: int  # at most the target: what is past it goes into a step that is due already
     target_batch_size: int
     progress: float = 0.0  # samples_toward_target / target_batch_size, never above 1
@@ -143,9 +143,9 @@ class Publisher(threading.Thread):
 
 
 def wait_for_peers(dht: hivemind.DHT, run_id: str, peer_id: str, count: int, timeout: float) -> int:
-    """Start-up barrier: wait until `count` peers have announced themselves, so the first epoch is shared.
+    """Start-up barrier: wait until `count` peers have announced themselves, so the first swarm step is shared.
 
-    Without it, the first peer up trains epoch 0 alone and the others start out of sync.
+    Without it, the first peer up makes swarm step 0 alone and the others start out of sync.
     Returns how many peers were seen; going on after the timeout with fewer is logged, not fatal.
     """
     key, deadline = f"{run_id}_sdswarm_barrier", get_dht_time() + timeout
@@ -167,7 +167,7 @@ def wait_for_progress_from(optimizer: hivemind.Optimizer, count: int, timeout: f
 
     hivemind's progress tracker hears of a peer only once it has reported samples, and looks again only every
     few seconds. Without this wait a fast peer can reach the target batch on its own samples before it sees the
-    others, and its first epoch is a local step that the others never share. Returns the peers seen."""
+    others, and its first swarm step is a local step that the others never share. Returns the peers seen."""
     tracker, deadline = optimizer.tracker, get_dht_time() + timeout
     while (seen := tracker.global_progress.num_peers) < count and optimizer.local_epoch == 0:
         if get_dht_time() >= deadline:

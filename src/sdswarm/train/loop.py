@@ -31,6 +31,8 @@ from sdswarm.train.step import diffusion_loss, encode_latents, half_dtype
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"  # one JSON record per log_every steps (Progress.snapshot() and the time)
+
 
 @dataclass
 class Progress:
@@ -38,12 +40,13 @@ class Progress:
 
     step: int = 0  # local steps (batches) trained
     samples_seen: int = 0
-    data_pass: int = 0  # where the batch stream resumes
+    data_round: int = 0  # where the batch stream resumes: the round, and the batch in it
     data_batch: int = 0
     skipped_steps: int = 0  # non-finite loss or fp16 overflow
     loss: float = math.nan
     loss_avg: float = math.nan  # exponential moving average of the loss
     samples_per_second: float = 0.0
+    # swarm steps, by hivemind's counters: the one this peer's weights are at (its local_epoch), the swarm's newest
     local_epoch: int = 0
     swarm_epoch: int = 0
     swarm_samples: int = 0  # samples the swarm has collected toward the target batch
@@ -99,22 +102,23 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> Progress:
-        """Train until max_steps, max_epochs or until `stop` is set; always ends with a checkpoint and a sample grid."""
+        """Train until train.max_steps, train.max_swarm_steps or until `stop` is set; always ends with a checkpoint and
+        a sample grid."""
         train, output, p = self.train, self.output, self.progress
         self.components.unet.train()
         self.components.text_encoder.train(self.train_text_encoder)
         bar = tqdm(total=train.max_steps, initial=p.step, unit="step", dynamic_ncols=True, desc="training")
         window_start, window_samples = time.perf_counter(), 0
         try:
-            batches = self.stream.iterate(p.data_pass, p.data_batch)
+            batches = self.stream.iterate(p.data_round, p.data_batch)
             while not stop.is_set() and not self.finished():
-                data_pass, data_batch, batch = next(batches)
+                data_round, data_batch, batch = next(batches)
                 loss = self.train_step(batch)
                 p.step += 1
                 if p.step == 1 and self.after_first_step is not None:
                     self.after_first_step()
                 p.samples_seen += len(batch.captions)
-                p.data_pass, p.data_batch = data_pass, data_batch + 1
+                p.data_round, p.data_batch = data_round, data_batch + 1
                 self._read_swarm_progress()  # every step: telemetry publishes these more often than log_every
                 window_samples += len(batch.captions)
                 self._record_loss(loss)
@@ -144,9 +148,9 @@ class Trainer:
         return p
 
     def finished(self) -> bool:
-        max_epochs, max_steps = self.train.max_epochs, self.train.max_steps
-        if max_epochs is not None and self.optimizer.local_epoch >= max_epochs:
-            log.info("the swarm reached epoch %d (train.max_epochs): done", self.optimizer.local_epoch)
+        max_swarm_steps, max_steps = self.train.max_swarm_steps, self.train.max_steps
+        if max_swarm_steps is not None and self.optimizer.local_epoch >= max_swarm_steps:
+            log.info("the swarm reached swarm step %d (train.max_swarm_steps): done", self.optimizer.local_epoch)
             return True
         return max_steps is not None and self.progress.step >= max_steps
 
@@ -175,7 +179,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.skipped_steps += 1
             return value
-        epoch_before, scale_before = self.optimizer.local_epoch, self.scaler.get_scale()
+        swarm_step_before, scale_before = self.optimizer.local_epoch, self.scaler.get_scale()
         # unscales the gradient first (so hivemind accumulates and the inner AdamW clips true gradients),
         # skips the step on fp16 overflow; without fp16 it is a plain optimizer.step()
         self.scaler.step(self.optimizer)
@@ -183,7 +187,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
             self.progress.skipped_steps += 1
-        if self.ema is not None and self.optimizer.local_epoch != epoch_before:
+        if self.ema is not None and self.optimizer.local_epoch != swarm_step_before:
             self.ema.update(self.trainable)  # the weights change only when the swarm steps
         return value
 
@@ -223,16 +227,16 @@ class Trainer:
         p = self.progress
         bar.set_postfix(
             loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
-            epoch=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
+            swarm_step=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",
             refresh=False,
         )
         record = p.snapshot()
-        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"time": time.time(), **record}) + "\n")
         if not bar.disable and bar.fp.isatty():
             return
         log.info(
-            "step %d  loss %.4f (avg %.4f)  %.1f samples/s  epoch %d (swarm %d)  %d/%d samples toward the target",
+            "step %d  loss %.4f (avg %.4f)  %.1f samples/s  swarm step %d (swarm %d)  %d/%d samples toward the next",
             p.step, p.loss, p.loss_avg, p.samples_per_second, p.local_epoch, p.swarm_epoch,
             p.swarm_samples, p.target_batch_size,
         )
@@ -242,7 +246,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         p = self.progress
         return {
-            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_pass", "data_batch",
+            "progress": {k: getattr(p, k) for k in ("step", "samples_seen", "data_round", "data_batch",
                                                      "skipped_steps", "loss_avg")},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -252,16 +256,19 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state["progress"].items():
-            setattr(self.progress, key, value)
+            setattr(self.progress, _OLD_PROGRESS_NAMES.get(key, key), value)
         self._last_saved_step = self.progress.step
         self.optimizer.load_state_dict(state["optimizer"])
-        # tell the swarm our restored epoch right away, or hivemind takes us for out of sync
+        # tell the swarm our restored swarm step right away, or hivemind takes us for out of sync
         self.optimizer.tracker.report_local_progress(self.optimizer.local_epoch, 0)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.noise_generator.set_state(state["rng"]["noise"])
         self.caption_rng.setstate(state["rng"]["captions"])
+
+
+_OLD_PROGRESS_NAMES = {"data_pass": "data_round"}  # checkpoints written before the rename still resume
 
 
 def _gradients_finite(params: Sequence[torch.nn.Parameter]) -> bool:

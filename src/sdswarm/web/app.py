@@ -28,7 +28,6 @@ import collections
 import contextlib
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -66,7 +65,7 @@ class NodeAccess(Protocol):
 
     def history(self) -> list[dict]:
         """Metrics records, oldest first: {time, step, loss, loss_avg, samples_per_second, local_epoch,
-        swarm_epoch, swarm_samples, target_batch_size}."""
+        swarm_epoch (swarm steps, by hivemind's counters), swarm_samples, target_batch_size}."""
         ...
 
     def log_tail(self, lines: int) -> list[str]: ...
@@ -141,6 +140,7 @@ class _UI:
         self.zips = ZipDownloads(redact)
         self._snapshots: dict[str, tuple[float, Any]] = {}
         self._snapshot_locks = {"status": asyncio.Lock(), "history": asyncio.Lock()}
+        self._checkpoint_listing: tuple[tuple | None, list[dict]] = (None, [])  # (files.checkpoints_version, answer)
 
     async def snapshot(self, name: str, read: Callable[[], Any]) -> Any:
         """The node's answer, reused for SNAPSHOT_TTL: ten open tabs cost the node one call a second, not ten
@@ -229,10 +229,7 @@ class _UI:
         try:
             saved = await asyncio.to_thread(self.node.update_settings, changes)
         except ConfigError as exc:
-            message = str(exc)
-            keys = [k for k in NodeSettings.model_fields if re.search(rf"'{k}'", message)]
-            keys += [k for k in changes if k not in NodeSettings.model_fields]
-            return self.error(400, message, keys=keys)
+            return self.error(400, str(exc), keys=list(exc.keys))
         return self.json({**settings_view(saved), "saved": True})
 
     async def control(self, request: web.Request) -> web.Response:
@@ -256,6 +253,13 @@ class _UI:
 
     async def checkpoints(self, request: web.Request) -> web.Response:
         def listing() -> list[dict]:
+            # sizing a checkpoint walks its files: done again only when the folder changed
+            version = files.checkpoints_version(self.node.output_dir)
+            if self._checkpoint_listing[0] != version:
+                self._checkpoint_listing = (version, build())
+            return self._checkpoint_listing[1]
+
+        def build() -> list[dict]:
             answer = []
             for c in files.list_checkpoints(self.node.output_dir):
                 base = f"{API}/checkpoints/{c.name}"

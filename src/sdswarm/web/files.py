@@ -71,6 +71,15 @@ def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: -c.step)
 
 
+def checkpoints_version(output_dir: Path) -> tuple:
+    """Changes when a checkpoint is added, removed or replaced, or a file added to or removed from one (an
+    export): the names and modification times of the entries of the checkpoints folder. Cheap: no walk."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(Path(output_dir) / "checkpoints")))
+    except OSError:
+        return ()
+
+
 def find_checkpoint(output_dir: Path, name: str) -> Checkpoint | None:
     return next((c for c in list_checkpoints(output_dir) if c.name == name), None)
 

@@ -182,7 +182,8 @@ function renderStatus(status) {
   $("stat-loss").textContent = fmt(p.loss_avg, 4);
   $("stat-sps").textContent = fmt(p.samples_per_second, 1);
   $("stat-swarm-sps").textContent = fmt(swarm.samples_per_second, 1);
-  $("stat-epoch").textContent = `${fmt(p.local_epoch)} / ${fmt(swarm.epoch ?? p.swarm_epoch)}`;
+  // swarm steps by hivemind's counters (its "epochs"): this node's local_epoch, the swarm's newest
+  $("stat-swarm-step").textContent = `${fmt(p.local_epoch)} / ${fmt(swarm.epoch ?? p.swarm_epoch)}`;
   const peers = Array.isArray(swarm.peers) ? swarm.peers : [];
   $("stat-peers").textContent = fmt(peers.length);
 
@@ -192,7 +193,7 @@ function renderStatus(status) {
   $("progress-fill").style.width = `${share}%`;
   $("progress").setAttribute("aria-valuenow", share.toFixed(0));
   $("progress-text").textContent = target > 0
-    ? `epoch ${fmt(swarm.epoch ?? p.swarm_epoch)}: ${fmt(toward)} / ${fmt(target)} samples (${share.toFixed(1)}%)`
+    ? `swarm step ${fmt(swarm.epoch ?? p.swarm_epoch)}: ${fmt(toward)} / ${fmt(target)} samples (${share.toFixed(1)}%)`
     : "–";
 
   const now = status.server_time || Date.now() / 1000;
