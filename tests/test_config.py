@@ -28,7 +28,7 @@ def test_howto_config_loads_unchanged():
     swarm = config.swarm
     assert (swarm.run_id, swarm.target_batch_size, swarm.matchmaking_time) == ("testrun", 75000, 260.0)
     assert swarm.averaging_timeout == swarm.allreduce_timeout == swarm.load_state_timeout == 1200.0
-    assert swarm.compression == "fp16"
+    assert (swarm.sync, swarm.compression) == ("every_step", "auto")  # auto: scaled_fp16 gradients
 
 
 def test_howto_file_has_exactly_the_howto_keys():
@@ -57,7 +57,9 @@ def test_shipped_configs_form_groups_faster_than_matchmaking_lasts(name):
         ({"fp16": "maybe"}, ["'fp16'", "'maybe'", "valid boolean"]),
         ({"extended_chunks": 0}, ["'extended_chunks'", "0", "greater than or equal to 1"]),
         ({"opt_betas_two": 1.0}, ["'opt_betas_two'", "1.0", "less than 1"]),
-        ({"swarm.compression": "zip"}, ["'swarm.compression'", "'zip'", "'none', 'fp16' or 'uniform8bit'"]),
+        ({"swarm.compression": "zip"}, ["'swarm.compression'", "'zip'", "'scaled_fp16'", "'uniform8bit'"]),
+        ({"swarm.sync": "sometimes"}, ["'swarm.sync'", "'every_step' or 'local_steps'"]),
+        ({"swarm.outer_momentum": 1}, ["'swarm.outer_momentum'", "less than 1"]),
         ({"train.batch_size": -2}, ["'train.batch_size'", "-2", "greater than 0"]),
         ({"buckets_side_min": 1024}, ["buckets_side_min (1024)", "buckets_side_max (512)"]),
         ({"buckets_side_max": 500}, ["buckets_side_max (500)", "multiple of data.bucket_step (64)"]),

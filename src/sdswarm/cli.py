@@ -20,7 +20,7 @@ log = logging.getLogger("sdswarm")
 # What a joining node may set for itself; everything else is the swarm's and comes from the relay.
 JOINER_KEYS = ("output.", "data.workdir", "data.loader_workers", "data.source", "train.device", "train.batch_size",
                "train.gradient_checkpointing", "train.attention",
-               "train.max_steps")
+               "train.max_steps", "swarm.uplink_mbit", "swarm.min_link_mbit")
 DEFAULT_JOIN_OUTPUT = "output/joined"
 
 

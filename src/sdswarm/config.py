@@ -117,8 +117,24 @@ class SwarmConfig(Section):
     matchmaking_time: Seconds = 260.0
     averaging_timeout: Seconds = 1200.0
     allreduce_timeout: Seconds = 1200.0
-    load_state_timeout: Seconds = 1200.0
-    compression: Literal["none", "fp16", "uniform8bit"] = "fp16"
+    load_state_timeout: Seconds = Field(1200.0, description="the least time a state download may take; "
+                                        "more when the state is large at swarm.min_link_mbit")
+    sync: Literal["every_step", "local_steps"] = Field(
+        "every_step", description="every_step: one AdamW step on the swarm-averaged gradient per swarm step; "
+        "local_steps (DiLoCo): each peer takes swarm.local_steps AdamW steps alone, then the swarm averages what "
+        "the peers learned and takes one outer step (far fewer bytes: for home links)")
+    local_steps: PositiveInt = Field(50, description="local_steps mode: AdamW steps each peer takes between swarm "
+                                     "steps (about: fast peers take more, slow ones fewer)")
+    outer_lr: Annotated[float, Field(gt=0, le=2)] = Field(0.7, description="local_steps mode: the outer step's lr")
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.9, description="local_steps mode: the outer step's Nesterov momentum")
+    compression: Literal["auto", "none", "fp16", "scaled_fp16", "uniform8bit", "blockwise8bit"] = Field(
+        "auto", description="what averaging sends: auto = scaled_fp16 gradients (every_step), uniform8bit "
+        "pseudo-gradients (local_steps); blockwise8bit needs bitsandbytes on every peer")
+    uplink_mbit: Annotated[float, Field(gt=0)] = Field(
+        20.0, description="this peer's upload speed, for the start-up estimate of a swarm step's network time")
+    min_link_mbit: Annotated[float, Field(gt=0)] = Field(
+        10.0, description="the slowest link a state download must finish on (sets its timeout)")
     average_state_every: PositiveInt = 1
     request_timeout: Seconds | None = Field(
         None, description="seconds a peer waits for each answer while forming an averaging group; must be below "

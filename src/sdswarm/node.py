@@ -48,7 +48,13 @@ from sdswarm.swarm.network import (
     start_dht_rejoining,
     stop_dht,
 )
-from sdswarm.swarm.optimizer import check_compression, make_optimizer, withdraw_progress
+from sdswarm.swarm.optimizer import (
+    SwarmOptimizer,
+    check_compression,
+    global_weights,
+    make_optimizer,
+    withdraw_progress,
+)
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import (
     GONE_AFTER,
@@ -327,8 +333,9 @@ def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchSt
     components = trainer.components
 
     def eval_loss() -> float:
-        return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
-                               trainer.encoder, eval_batches, seed=seed)
+        with global_weights(trainer.optimizer):  # DiLoCo: the swarm's weights
+            return fixed_seed_loss(components.unet, components.vae, components.noise_scheduler,
+                                   trainer.encoder, eval_batches, seed=seed)
 
     summary = RunSummary(trainer.progress, eval_loss(), math.nan)
     train_until_done(trainer, controls)
@@ -358,7 +365,7 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
             return
 
 
-def join_swarm(optimizer: hivemind.Optimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
+def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:

@@ -162,3 +162,54 @@ def test_a_restarted_mother_rejoins_its_swarm(peers):
     for peer in (mother, joiner):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
+
+
+DILOCO = {"swarm.sync": "local_steps", "swarm.local_steps": 4}
+
+
+def test_diloco_three_peers_share_each_outer_step_and_hold_one_model(peers):
+    mother = peers("mother", max_steps=400, **{"swarm.min_peers": 3, "train.max_swarm_steps": 4, **DILOCO}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
+    joiners = [peers(f"joiner{i}", join=mother.address, max_steps=400).start() for i in (1, 2)]
+    everyone = [mother, *joiners]
+    for peer in everyone:
+        assert peer.wait_exit(timeout=400) == 0, peer.log()[-4000:]
+
+    for peer in everyone:
+        assert "swarm.sync local_steps, uniform8bit" in peer.log()  # the start-up network estimate
+        assert "the swarm reached swarm step 4 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
+        averaged = re.findall(r"swarm step \d+: averaged \(group of (\d)", peer.log())
+        assert len(averaged) >= 3 and "3" in averaged, f"{peer.name}: {averaged}"
+        start, end = peer.eval_losses()
+        assert end < 0.9 * start, f"{peer.name}: eval loss {start} -> {end}"
+    # checkpoints hold the global weights: the same on every peer, up to the 8-bit rounding of the averaged deltas
+    initial = load_components(TINY_MODEL_ID).unet.state_dict()
+    weights = [unet_weights(peer) for peer in everyone]
+    moved = l2(weights[0][k] - initial[k] for k in initial)
+    apart = max(l2(w[k] - weights[0][k] for k in initial) for w in weights[1:])
+    assert moved > 1e-2 and apart < 0.05 * moved, (moved, apart)
+
+
+def test_diloco_late_joiner_downloads_the_global_weights_and_a_killed_peer_does_not_block(peers):
+    mother = peers("mother", max_steps=1000, **{"swarm.min_peers": 2, **DILOCO}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
+    first = peers("first", join=mother.address, max_steps=1000).start()
+    mother.wait_until(lambda: mother.log().count(": averaged (group of 2") >= 2, "two outer steps")
+
+    late = peers("late", join=mother.address, max_steps=1000).start()
+    late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state")
+    # global weights in fp16 + the outer momentum in 8 bits: 3 bytes per parameter, not 12
+    found = re.search(r"a late joiner downloads ([\d.]+) MB \(([\d.]+) bytes per parameter\)", late.log())
+    assert found and float(found.group(2)) < 3.5, late.log()[-3000:]
+    assert f"global weights and outer momentum, {found.group(1)} MB" in late.log()
+    late.wait_until(lambda: ": averaged (group of 3" in late.log(), "an outer step with all three")
+
+    step = mother.step()
+    first.signal(signal.SIGKILL)  # in its local phase: outer steps are seconds apart, local steps most of the time
+    late.wait_until(lambda: ": averaged (group of 2" in late.log().split("group of 3")[-1],
+                    "an outer step without the killed peer", timeout=240)
+    assert mother.step() > step
+    for peer in (mother, late):
+        assert all(math.isfinite(m["loss"]) for m in peer.metrics()), f"{peer.name} got a NaN loss"
+        peer.signal(signal.SIGTERM)
+        assert peer.wait_exit(timeout=120) == 0

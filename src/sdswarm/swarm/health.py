@@ -154,8 +154,10 @@ def finish_pending_rounds(optimizer: hivemind.Optimizer) -> None:
     Without this a peer that stops right after a swarm step (train.max_swarm_steps, a signal) saves the weights it had
     before the swarm averaged them: the round that would merge a peer's step on local gradients (after a failed
     gradient round) lands after the checkpoint, and the peers end as different models."""
-    averager = getattr(optimizer, "state_averager", None)
-    if averager is None or not averager.pending_updates:
+    if not isinstance(optimizer, hivemind.Optimizer):  # DiLoCo's outer step is synchronous
+        return
+    averager = optimizer.state_averager
+    if not averager.pending_updates:
         return
     log.info("waiting for the swarm's last parameter round before saving")
     averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
@@ -181,6 +183,10 @@ class SwarmHealth:
     # --- hooks (hivemind 1.1.12) ---
 
     def attach(self) -> SwarmHealth:
+        """Hook into hivemind.Optimizer. Another way of averaging (swarm/diloco.py) reports its rounds itself."""
+        self._handler = None
+        if not isinstance(self.optimizer, hivemind.Optimizer):
+            return self
         opt = self.optimizer
         opt._begin_averaging_gradients = self._wrap_begin(opt._begin_averaging_gradients)
         opt._average_gradients_and_load_into_optimizer = self._wrap_average(
@@ -192,7 +198,8 @@ class SwarmHealth:
         return self
 
     def detach(self) -> None:
-        logging.getLogger("hivemind.optim.state_averager").removeHandler(self._handler)
+        if self._handler is not None:
+            logging.getLogger("hivemind.optim.state_averager").removeHandler(self._handler)
 
     def _swarm_peers(self) -> int:
         return max(int(self.optimizer.tracker.global_progress.num_peers), 1)

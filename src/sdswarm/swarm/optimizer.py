@@ -1,7 +1,10 @@
-"""hivemind.Optimizer from config: peers accumulate samples up to the target batch, then average."""
+"""The swarm's optimizer, built from config in one place: hivemind.Optimizer (`swarm.sync: every_step`: peers
+accumulate samples up to the target batch, then average gradients) or DiLoCo (`local_steps`, swarm/diloco.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from collections.abc import Iterable
 from functools import partial
@@ -10,22 +13,50 @@ import hivemind
 import numpy as np
 import torch
 from hivemind.compression import (
+    BlockwiseQuantization,
     CompressionBase,
     CompressionInfo,
     Float16Compression,
     NoCompression,
+    RoleAdaptiveCompression,
+    ScaledFloat16Compression,
+    SizeAdaptiveCompression,
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
 from hivemind.optim.grad_averager import GradientAverager
 
 from sdswarm.config import SwarmConfig
+from sdswarm.swarm.costs import NetworkCosts
+from sdswarm.swarm.diloco import DiLoCoOptimizer
+
+log = logging.getLogger(__name__)
 
 COMPRESSIONS: dict[str, type[CompressionBase]] = {
     "none": NoCompression,
-    "fp16": Float16Compression,
+    "fp16": Float16Compression,  # a plain cast: zeroes values under ~6e-8 (small averaged gradients)
+    "scaled_fp16": ScaledFloat16Compression,  # fp16 after mean/std scaling: keeps them
     "uniform8bit": Uniform8BitQuantization,
+    "blockwise8bit": BlockwiseQuantization,  # bitsandbytes' dynamic 8-bit, needs it on every peer
 }
+MODE_DEFAULTS = {"every_step": "scaled_fp16", "local_steps": "uniform8bit"}
+
+SwarmOptimizer = hivemind.Optimizer | DiLoCoOptimizer
+
+
+def compression_name(swarm: SwarmConfig) -> str:
+    """The codec averaging rounds send with: swarm.compression, or the mode's default for `auto`."""
+    return MODE_DEFAULTS[swarm.sync] if swarm.compression == "auto" else swarm.compression
+
+
+def state_compression() -> CompressionBase:
+    """What a late joiner downloads: weights in fp16, optimizer statistics 8-bit (instead of all fp32).
+
+    Plain fp16 for the weights (scaled fp16 stores two floats per row of the last axis: per 3 values for a 3x3
+    conv); 8-bit bucket averages for the moments are never negative, so AdamW's sqrt(exp_avg_sq) stays finite."""
+    # small tensors (AdamW's step counts, norms' scalars) whole: 8-bit statistics of one value divide by zero
+    moments = SizeAdaptiveCompression(threshold=1024, less=NoCompression(), greater_equal=Uniform8BitQuantization())
+    return RoleAdaptiveCompression(parameter=Float16Compression(), optimizer=moments, default=NoCompression())
 
 
 def check_compression(name: str) -> tuple[float, float]:
@@ -41,14 +72,22 @@ def check_compression(name: str) -> tuple[float, float]:
             restored = deserialize_torch_tensor(message)
         error = (restored - tensor).abs().max().item()
     except Exception as exc:
+        fix = ("It needs the bitsandbytes package on every peer (pip install bitsandbytes), or set "
+               "swarm.compression: uniform8bit") if name == "blockwise8bit" else (
+               "Install the pinned versions (pip install 'numpy<2.4'), or set swarm.compression: scaled_fp16")
         raise RuntimeError(
             f"swarm.compression {name!r} does not work in this environment ({type(exc).__name__}: {exc}; numpy "
-            f"{np.__version__}, hivemind {hivemind.__version__}). Install the pinned versions (pip install "
-            "'numpy<2.4'), or set swarm.compression: fp16"
+            f"{np.__version__}, hivemind {hivemind.__version__}). {fix}"
         ) from exc
     if error > 0.05:  # 8-bit over [-1, 1]: about 0.01
         raise RuntimeError(f"swarm.compression {name!r} decodes a test tensor with an error of {error:.3g}")
     return len(message.buffer) / tensor.numel(), error
+
+
+def global_weights(optimizer: SwarmOptimizer) -> contextlib.AbstractContextManager:
+    """The weights the swarm agrees on, in the model while the block runs: what checkpoints, samples, exports and
+    evaluations use. In every_step mode they are always there; in DiLoCo mode they replace the local weights."""
+    return optimizer.global_weights() if isinstance(optimizer, DiLoCoOptimizer) else contextlib.nullcontext()
 
 
 class ClipGradNorm:
@@ -100,14 +139,16 @@ def make_optimizer(
     max_grad_norm: float | None,
     optimizer_8bit: bool = False,
     verbose: bool = True,
-) -> hivemind.Optimizer:
+) -> SwarmOptimizer:
     """Only trainable tensors may be given: hivemind would average frozen ones too.
 
     The lr is the config's, the same on every peer: hivemind already averages the gradient over
     the samples of all peers, so no peer scales it by its own batch size.
     """
-    check_compression(swarm.compression)
-    compression = COMPRESSIONS[swarm.compression]()
+    params = list(params)
+    codec = compression_name(swarm)
+    check_compression(codec)
+    compression = COMPRESSIONS[codec]()
     inner_class = clipped_adamw_8bit() if optimizer_8bit else ClippedAdamW  # fails here, before any heavy work
 
     def inner_optimizer(parameters):
@@ -115,10 +156,22 @@ def make_optimizer(
             parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm
         )
 
+    costs = NetworkCosts.of(params, swarm, codec, compression, state_compression())
+    costs.log(swarm)
+    if swarm.sync == "local_steps":
+        return DiLoCoOptimizer(
+            dht=dht, run_id=swarm.run_id, params=params, inner_optimizer=inner_optimizer,
+            local_steps=swarm.local_steps, batch_size_per_step=batch_size_per_step,
+            outer_lr=swarm.outer_lr, outer_momentum=swarm.outer_momentum,
+            compression=compression, state_compression=state_compression(),
+            matchmaking_time=swarm.matchmaking_time, averaging_timeout=swarm.averaging_timeout,
+            allreduce_timeout=swarm.allreduce_timeout, load_state_timeout=costs.load_state_timeout(swarm),
+            download_bytes=costs.download_bytes, client_mode=dht.client_mode, verbose=verbose,
+        )
     optimizer = hivemind.Optimizer(
         dht=dht,
         run_id=swarm.run_id,
-        params=list(params),
+        params=params,
         optimizer=inner_optimizer,
         batch_size_per_step=batch_size_per_step,
         target_batch_size=swarm.target_batch_size,
@@ -126,13 +179,14 @@ def make_optimizer(
         matchmaking_time=swarm.matchmaking_time,
         averaging_timeout=swarm.averaging_timeout,
         allreduce_timeout=swarm.allreduce_timeout,
-        load_state_timeout=swarm.load_state_timeout,
+        load_state_timeout=costs.load_state_timeout(swarm),
         average_state_every=swarm.average_state_every,
         # every averager forms its groups with the same request_timeout, below matchmaking_time (config.py checks)
         averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout),
         grad_averager_factory=partial(GradientAverager, request_timeout=swarm.matchmaking_request_timeout),
         grad_compression=compression,
         state_averaging_compression=compression,
+        load_state_compression=state_compression(),
         # hivemind.Optimizer drops a given client_mode in favour of None; pass the DHT's own explicitly
         client_mode=dht.client_mode,
         # hivemind keeps the optimizer in host memory by default; bitsandbytes' 8-bit kernels want it on the GPU
@@ -171,12 +225,12 @@ def _undo_virtual_step(optimizer: hivemind.Optimizer) -> None:
             copy.copy_(main)
 
 
-def withdraw_progress(optimizer: hivemind.Optimizer) -> None:
+def withdraw_progress(optimizer: SwarmOptimizer) -> None:
     """A peer that pauses (stopped from its UI) takes its samples and its throughput out of the swarm's progress:
     the others no longer count them toward the target nor expect its next samples. Its accumulated gradients,
     trained on weights that will be stale when it resumes, are dropped."""
     tracker = optimizer.tracker
-    if optimizer.grad_averager is not None:
+    if getattr(optimizer, "grad_averager", None) is not None:
         optimizer.grad_averager.reset_accumulated_grads_()
     ema = tracker.performance_ema
     ema.samples_per_second, ema.ema_seconds_per_sample, ema.num_updates = ema.eps, 0.0, 0

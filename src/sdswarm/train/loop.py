@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import torch
 from tqdm.auto import tqdm
 
@@ -24,6 +23,7 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
 from sdswarm.model.text import PromptEncoder, drop_captions
 from sdswarm.swarm.health import finish_pending_rounds
+from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights
 from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.samples import render_grid, save_image
@@ -72,7 +72,7 @@ class Trainer:
         ema: EMA | None,
         latent_cache: LatentCache | None,
         stream: BatchStream,
-        optimizer: hivemind.Optimizer,
+        optimizer: SwarmOptimizer,
         checkpoints: Checkpoints,
         device: torch.device,
         train: TrainConfig,
@@ -196,7 +196,8 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.progress.step == self._last_saved_step:
             return None
-        path = self.checkpoints.save(self.progress.step, self.components, self.state_dict())
+        with global_weights(self.optimizer):  # DiLoCo: the swarm's weights, not this peer's local phase
+            path = self.checkpoints.save(self.progress.step, self.components, self.state_dict())
         self._last_saved_step = self.progress.step
         self.progress.checkpoints = [p.name for p in self.checkpoints.all()]
         return path
@@ -204,7 +205,7 @@ class Trainer:
     def save_samples(self) -> Path:
         out = self.output
         swap = self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext()
-        with swap:
+        with global_weights(self.optimizer), swap:
             grid = render_grid(
                 self.components, self.encoder, out.sample_prompts, width=self.resolution, height=self.resolution,
                 steps=out.sample_steps, guidance=out.sample_guidance, seed=self.seed,
@@ -220,6 +221,7 @@ class Trainer:
     def _read_swarm_progress(self) -> None:
         p, tracker = self.progress, self.optimizer.tracker
         p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
+        p.target_batch_size = self.optimizer.target_batch_size  # DiLoCo's follows the number of peers
         # what is past the target goes into a step that is due already: never shown as more than the target
         p.swarm_samples = min(tracker.global_progress.samples_accumulated, p.target_batch_size)
 
