@@ -51,6 +51,7 @@ from sdswarm.swarm.network import (
 from sdswarm.swarm.optimizer import (
     SwarmOptimizer,
     check_compression,
+    compression_name,
     global_weights,
     make_optimizer,
     withdraw_progress,
@@ -302,7 +303,7 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
 def watch_health(config: Config, dht: hivemind.DHT, trainer: Trainer, cleanup: contextlib.ExitStack) -> SwarmHealth:
     """Rounds, gradient norm and weight fingerprint of each swarm step: logged, in metrics.jsonl, published."""
     rounds = RoundLog(config.output.dir / "metrics.jsonl", values=sum(p.numel() for p in trainer.trainable),
-                      bytes_per_value=check_compression(config.swarm.compression)[0])
+                      bytes_per_value=check_compression(compression_name(config.swarm))[0])
     health = SwarmHealth(trainer.optimizer, rounds, WeightFingerprint(trainer.trainable, seed=config.seed),
                          peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id)).attach()
     cleanup.callback(health.detach)
