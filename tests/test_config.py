@@ -55,6 +55,12 @@ def test_tiny_config_loads():
     assert config.model == "builtin:tiny" and config.train.max_steps
 
 
+@pytest.mark.parametrize("name", ["tiny.yaml", "sd_1-5.yaml"])
+def test_shipped_configs_form_groups_faster_than_matchmaking_lasts(name):
+    swarm = load_config(ROOT / "configs" / name).swarm
+    assert swarm.matchmaking_request_timeout < swarm.matchmaking_time
+
+
 @pytest.mark.parametrize(
     ("override", "names"),
     [
@@ -71,6 +77,7 @@ def test_tiny_config_loads():
         ({"train.batch_size": -2}, ["'train.batch_size'", "-2", "greater than 0"]),
         ({"buckets_side_min": 1024}, ["buckets_side_min (1024)", "buckets_side_max (512)"]),
         ({"buckets_side_max": 500}, ["buckets_side_max (500)", "multiple of data.bucket_step (64)"]),
+        ({"swarm.request_timeout": 300}, ["swarm.request_timeout (300)", "below swarm.matchmaking_time (260)"]),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(override, names):

@@ -4,6 +4,7 @@ from unittest import mock
 from sdswarm import node
 from sdswarm.config import load_config
 from sdswarm.swarm.telemetry import PeerMetrics
+from sdswarm.train.loop import Progress
 from tests.conftest import ROOT
 
 
@@ -26,3 +27,11 @@ def test_a_dht_that_cannot_be_read_keeps_the_current_slot(caplog):
     with mock.patch.object(node, "read_peers", side_effect=TimeoutError("no answer")):
         assert node.choose_data_slot(None, config, "me", 2) == 2
     assert "could not read the swarm's data slots" in caplog.text
+
+
+def test_a_stopped_node_publishes_no_throughput():
+    progress = Progress(step=40, samples_per_second=9.0)
+    training = node.peer_metrics(progress, "me", "relay", None, 1, "training")
+    stopped = node.peer_metrics(progress, "me", "relay", None, 1, "stopped")
+    assert training.samples_per_second == 9.0
+    assert (stopped.state, stopped.samples_per_second) == ("stopped", 0.0)

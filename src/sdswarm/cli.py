@@ -13,6 +13,7 @@ import transformers
 import yaml
 
 from sdswarm.config import ConfigError, load_config
+from sdswarm.logs import setup_logging
 
 log = logging.getLogger("sdswarm")
 
@@ -43,6 +44,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also send metrics to tensorboard or wandb (output.log_with; repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set swarm.target_batch_size=64 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="hivemind's progress lines on the terminal too (they are always in OUTPUT/node.log)")
+
+
+def add_rejoin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", action="append", default=[], metavar="ADDRESS",
+                        help="rejoin a running swarm: a relay's HOST:PORT or a DHT multiaddr (repeatable); with "
+                             "--resume the peers this node last saw (OUTPUT/peers) are tried too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     mother = commands.add_parser("mother", help="start the first node of a swarm and train")
     mother.add_argument("config", help="YAML training config, e.g. configs/sd_1-5.yaml")
     add_training_arguments(mother)
+    add_rejoin_argument(mother)
 
     join = commands.add_parser("join", help="join a swarm through any relay and train with it")
     join.add_argument("address", help="a relay's I.E address, HOST:PORT (the command a relay prints)")
@@ -62,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("-m", "--mother", metavar="CONFIG", help="start in mother mode with CONFIG")
     start.add_argument("-j", "--join", metavar="ADDRESS", help="join the swarm through the relay at ADDRESS")
     add_training_arguments(server)
+    add_rejoin_argument(server)
 
     status = commands.add_parser("status", help="show a swarm: peers, throughput, progress toward the target batch")
     status.add_argument("address", help="a relay's I.E address, HOST:PORT")
@@ -102,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "status":
             return show_status(args.address)
@@ -131,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
     try:
-        run_mother(config, resume=args.resume)
+        run_mother(config, resume=args.resume, peers=args.peers)
     except ConfigError as exc:  # the model, the index or a LoRA base, checked before training starts
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -213,24 +224,63 @@ def build_index(folder: Path | None, dump: Path | None, out: Path) -> int:
 
 
 def show_status(address: str) -> int:
-    from sdswarm.swarm.exchange import ExchangeError, describe_training, fetch_swarm_view
+    from sdswarm.swarm.exchange import ExchangeError, fetch_swarm_view
 
     try:
         view = fetch_swarm_view(address)
+        print("\n".join(status_lines(view)))
     except ExchangeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"run {view['run_id']}: swarm step {view['epoch']}, "
-          f"{view['samples_toward_target']}/{view['target_batch_size']} "
-          f"samples toward the target, {view['samples_per_second']:.1f} samples/s, {len(view['peers'])} peers")
-    if training := view.get("training"):
-        print(f"training: {describe_training(training)}")
-    print(f"{'peer':<16} {'role':<7} {'address':<22} {'step':>7} {'swarm step':>10} {'loss':>8} {'samples/s':>10}")
-    for peer in view["peers"]:
-        loss = "-" if peer["loss"] is None else f"{peer['loss']:.4f}"
-        print(f"{peer['peer_id'][-16:]:<16} {peer['role']:<7} {peer['address'] or '-':<22} {peer['step']:>7} "
-              f"{peer['local_epoch']:>10} {loss:>8} {peer['samples_per_second']:>10.1f}")
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"error: the relay at {address} sent a swarm view this version cannot read ({exc!r})", file=sys.stderr)
+        return 2
     return 0
+
+
+def status_lines(view: dict) -> list[str]:
+    """`sdswarm status` as lines of text. Everything in `view` comes from other peers: only printable
+    characters of bounded length reach the terminal."""
+    from sdswarm.swarm.exchange import describe_training
+
+    peers = [p for p in view["peers"] if isinstance(p, dict)]
+    live = [p for p in peers if not p.get("gone")]
+    target = max(int(view["target_batch_size"]), 1)
+    toward = min(max(int(view["samples_toward_target"]), 0), target)
+    spread = view.get("spread")
+    lines = [
+        f"run {_text(view['run_id'], 64)}: swarm step {int(view['epoch'])}, {toward}/{target} samples toward the "
+        f"target ({toward / target:.0%}), {float(view['samples_per_second']):.1f} samples/s, {len(live)} peers"
+        + (f" ({len(peers) - len(live)} gone)" if len(peers) > len(live) else ""),
+        "one model: " + ("not known yet (peers publish a fingerprint after each swarm step)" if spread is None else
+                         f"spread {float(spread):.2f} swarm steps' worth at step {int(view.get('spread_step') or 0)}"
+                         + (" - peers have drifted apart" if float(spread) > 1 else "")),
+        *([f"training: {_text(describe_training(view['training']), 200)}"] if view.get("training") else []),
+        f"{'peer':<16} {'role':<7} {'state':<8} {'address':<22} {'step':>7} {'sw.step':>7} {'loss':>8} "
+        f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters)",
+    ]
+    for peer in peers:
+        loss, norm = peer.get("loss"), peer.get("grad_norm")
+        state = "gone" if peer.get("gone") else _text(peer.get("state", "training"), 8)
+        rounds = " ".join(_round_mark(r) for r in (peer.get("rounds") or [])[-6:] if isinstance(r, dict))
+        lines.append(
+            f"{_text(peer['peer_id'], 128)[-16:]:<16} {_text(peer['role'], 7):<7} {state:<8} "
+            f"{_text(peer.get('address') or '-', 22):<22} {int(peer['step']):>7} {int(peer['local_epoch']):>7} "
+            f"{'-' if loss is None else f'{float(loss):.4f}':>8} {float(peer['samples_per_second']):>9.1f} "
+            f"{'-' if norm is None else f'{float(norm):.3g}':>9}  {rounds}")
+    return lines
+
+
+def _round_mark(entry: dict) -> str:
+    """A round in a few characters: kind, outcome, group size (g3 ok, p2 partial, g! failed, g- alone)."""
+    mark = {"complete": "", "partial": "~", "failed": "!", "alone": "-"}.get(entry.get("outcome"), "?")
+    kind = str(entry.get("kind", "?"))[:1]
+    return f"{kind}{mark}" if mark in ("!", "-", "?") else f"{kind}{int(entry.get('group_size', 0))}{mark}"
+
+
+def _text(value: object, width: int) -> str:
+    """At most `width` printable characters of a value another peer sent (no terminal escape sequences)."""
+    return "".join(ch for ch in str(value) if ch.isprintable())[:width]
 
 
 def edit_settings(folder: Path, changes: Sequence[str]) -> int:

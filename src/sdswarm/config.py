@@ -168,8 +168,25 @@ class SwarmConfig(Section):
     min_link_mbit: Annotated[float, Field(gt=0)] = Field(
         10.0, description="the slowest link a state download must finish on (sets its timeout)")
     average_state_every: PositiveInt = 1
+    request_timeout: Seconds | None = Field(
+        None, description="seconds a peer waits for each answer while forming an averaging group; must be below "
+        "matchmaking_time (else groups deadlock); none: a third of matchmaking_time, at most 3 (hivemind's default)")
     min_peers: PositiveInt = Field(1, description="start-up barrier: peers to wait for before the first step")
     startup_timeout: Seconds = Field(600.0, description="how long the barrier waits before training anyway")
+
+    @model_validator(mode="after")
+    def _check_request_timeout(self) -> SwarmConfig:
+        if self.request_timeout is not None and self.request_timeout >= self.matchmaking_time:
+            raise ValueError(
+                f"swarm.request_timeout ({self.request_timeout:g}) must be below swarm.matchmaking_time "
+                f"({self.matchmaking_time:g}): a peer that waits longer for one answer than matchmaking lasts cannot "
+                "form a group; lower it, or leave it unset (a third of matchmaking_time)")
+        return self
+
+    @property
+    def matchmaking_request_timeout(self) -> float:
+        """The request_timeout hivemind's averagers get."""
+        return self.request_timeout if self.request_timeout is not None else min(3.0, self.matchmaking_time / 3)
 
 
 class Config(Section):

@@ -11,6 +11,7 @@ import io
 import itertools
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -34,18 +35,37 @@ from sdswarm.data.demo import BUILTIN_DEMO
 from sdswarm.data.index_share import index_routes
 from sdswarm.data.loader import Batch, BatchStream, CaptionShuffle
 from sdswarm.data.shards import choose_slot
+from sdswarm.logs import attach_log_file, detach_log_file
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, describe_training, peers_answer
-from sdswarm.swarm.network import reap_children, start_dht, stop_dht
-from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights, make_optimizer
+from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint
+from sdswarm.swarm.network import (
+    connected_peer_addresses,
+    reap_children,
+    remember_peers,
+    remembered_peers,
+    start_dht,
+    start_dht_rejoining,
+    stop_dht,
+)
+from sdswarm.swarm.optimizer import (
+    SwarmOptimizer,
+    check_compression,
+    compression_name,
+    global_weights,
+    make_optimizer,
+    withdraw_progress,
+)
 from sdswarm.swarm.settings import IDENTITY_FILE, NodeSettings, load_settings
 from sdswarm.swarm.telemetry import (
+    GONE_AFTER,
     PeerMetrics,
     Publisher,
+    read_fingerprints,
     read_peers,
     read_swarm,
     wait_for_peers,
@@ -158,12 +178,33 @@ def stop_on_signals(*events: threading.Event) -> Iterator[None]:
             event.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    global _stopping_pid
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    _stopping_pid = os.getpid()
     try:
         yield
     finally:
+        _stopping_pid = None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stopping_pid: int | None = None  # the process whose stop_on_signals is active
+
+
+def _children_leave_stop_signals_to_the_parent() -> None:
+    """In a forked child (hivemind's DHT and averagers, and their p2pd): ignore Ctrl-C and SIGTERM.
+
+    A terminal's Ctrl-C and a group's SIGTERM reach every process of the node. The parent finishes its step
+    with the children's help, then ends them in order (stop_dht, optimizer.shutdown, reap_children); a child
+    that ran the parent's handler or died at once would stall that stop for its grace periods."""
+    if _stopping_pid is not None and os.getpid() != _stopping_pid:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_children_leave_stop_signals_to_the_parent)
 
 
 @dataclass
@@ -181,10 +222,16 @@ def peer_seed(run_seed: int, peer_id: str, role: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{run_seed}:{peer_id}".encode()).digest()[:4], "big")
 
 
-def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False) -> RunSummary:
+def run_mother(config: Config, *, settings: NodeSettings | None = None, resume: bool = False,
+               peers: Sequence[str] = ()) -> RunSummary:
     """Start the first node of a swarm (alone, it trains alone) and train until max_steps, max_swarm_steps or a
-    signal."""
-    return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume)
+    signal.
+
+    A mother that restarts rejoins the swarm it left: it tries `peers` (relays' I.E addresses or DHT multiaddrs)
+    and, with `resume`, the peers it last saw (OUTPUT/peers), before starting alone."""
+    known = [*peers, *(remembered_peers(config.output.dir) if resume else [])]
+    return run_node(config, role="mother", settings=settings or load_settings(config.output.dir), resume=resume,
+                    rejoin=known)
 
 
 def run_node(
@@ -193,6 +240,7 @@ def run_node(
     role: Literal["mother", "joiner"],
     settings: NodeSettings,
     initial_peers: Sequence[str] = (),
+    rejoin: Sequence[str] = (),
     resume: bool = False,
     relay: str | None = None,
     swarm_base: BaseIdentity | None = None,
@@ -210,11 +258,14 @@ def run_node(
     resumed_slot = state["progress"].get("data_slot") if state is not None else None
     stop_training, quit_node = threading.Event(), threading.Event()
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
+        # before any fork: the children log there too
+        cleanup.callback(detach_log_file, attach_log_file(config.output.dir))
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
-        dht = start_dht(initial_peers=initial_peers, host_maddrs=settings.dht_host_maddrs(),
-                        announce_maddrs=settings.dht_announce_maddrs(), client_mode=settings.client_mode,
-                        identity_path=str(config.output.dir / IDENTITY_FILE))
+        dht_options = dict(host_maddrs=settings.dht_host_maddrs(), announce_maddrs=settings.dht_announce_maddrs(),
+                           client_mode=settings.client_mode, identity_path=str(config.output.dir / IDENTITY_FILE))
+        dht = (start_dht_rejoining(rejoin, **dht_options) if rejoin and not initial_peers
+               else start_dht(initial_peers=initial_peers, **dht_options))
         cleanup.callback(stop_dht, dht)
         peer_id = str(dht.peer_id)
         seed = peer_seed(config.seed, peer_id, role)
@@ -227,6 +278,7 @@ def run_node(
         trainer = build_trainer(config, dht, stream, checkpoints, resume_from, state, seed=seed, device=device,
                                 cleanup=cleanup, swarm_base=swarm_base)
         del state
+        health = watch_health(config, dht, trainer, cleanup)
         controls = NodeControls(
             trainer=trainer, settings_dir=config.output.dir, run_id=config.swarm.run_id,
             swarm_view=partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size),
@@ -236,7 +288,8 @@ def run_node(
         )
         address = start_http(config, settings, dht, controls, cleanup, index, lora_base=trainer.lora_base)
         publish_metrics(dht, config.swarm.run_id, trainer, stream, peer_id=peer_id, address=address,
-                        role="mother" if role == "mother" else settings.mode, cleanup=cleanup)
+                        role="mother" if role == "mother" else settings.mode, cleanup=cleanup,
+                        state=lambda: controls.state, health=health, remember_in=config.output.dir)
 
         if not join_swarm(trainer.optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
             trainer.after_first_step = partial(wait_for_progress_from, trainer.optimizer, config.swarm.min_peers,
@@ -308,16 +361,30 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
     return trainer
 
 
+def watch_health(config: Config, dht: hivemind.DHT, trainer: Trainer, cleanup: contextlib.ExitStack) -> SwarmHealth:
+    """Rounds, gradient norm and weight fingerprint of each swarm step: logged, in metrics.jsonl, published."""
+    rounds = RoundLog(config.output.dir / "metrics.jsonl", values=sum(p.numel() for p in trainer.trainable),
+                      bytes_per_value=check_compression(compression_name(config.swarm))[0])
+    health = SwarmHealth(trainer.optimizer, rounds, WeightFingerprint(trainer.trainable, seed=config.seed),
+                         peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id)).attach()
+    cleanup.callback(health.detach)
+    return health
+
+
 def latent_cache(config: Config) -> LatentCache | None:
     """train.cache_latents: room for one chunk's images (each encoded once per chunk)."""
     return LatentCache(config.data.images_per_chunk) if config.train.cache_latents else None
 
 
 def publish_metrics(dht: hivemind.DHT, run_id: str, trainer: Trainer, stream: BatchStream, *, peer_id: str,
-                    address: str | None, role: str, cleanup: contextlib.ExitStack) -> None:
-    """This peer's figures in the DHT, for the other peers' UIs, until the node stops."""
+                    address: str | None, role: str, cleanup: contextlib.ExitStack,
+                    state: Callable[[], str] = lambda: "training", health: SwarmHealth | None = None,
+                    remember_in: Path | None = None) -> None:
+    """This peer's figures in the DHT, for the other peers' UIs, until the node stops; and, in `remember_in`,
+    the addresses of the peers it sees (OUTPUT/peers, for a restart)."""
     publisher = Publisher(dht, run_id, lambda: peer_metrics(
-        trainer.progress, peer_id, role, address, stream.chunks.slot))
+        trainer.progress, peer_id, role, address, stream.chunks.slot, state(), health),
+        after=None if remember_in is None else partial(keep_peer_addresses, dht, run_id, peer_id, remember_in))
     publisher.start()
     cleanup.callback(publisher.stop)
 
@@ -378,6 +445,8 @@ def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
         if controls.quit.is_set() or not controls.stop_training.is_set():
             return  # a signal, or max_steps / max_swarm_steps reached
         controls.state = "stopped"
+        trainer.progress.samples_per_second = 0.0
+        withdraw_progress(trainer.optimizer)
         log.info("training stopped from the UI at step %d; start it again there, or Ctrl-C to quit",
                  trainer.progress.step)
         while not (controls.resume.wait(1.0) or controls.quit.is_set()):
@@ -420,6 +489,12 @@ def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig,
         optimizer.load_state_from_peers()
         log.info("caught up: now at swarm step %d (downloaded the swarm's state: %.3f MB)", optimizer.local_epoch,
                  optimizer.download_bytes / 1e6)
+        return True
+    # peers reporting samples to hivemind: the swarm is under way (a late joiner, a restart within the current
+    # swarm step), and the barrier it would wait at has passed
+    training = optimizer.tracker.global_progress.num_peers
+    if swarm.min_peers > 1 and training + 1 >= swarm.min_peers:
+        log.info("start-up barrier skipped: hivemind already sees %d peers training", training)
         return True
     if swarm.min_peers > 1:
         wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
@@ -468,12 +543,22 @@ def demo_dir() -> Path:
     return default_cache_dir() / "demo-v1"
 
 
-def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None,
-                 data_slot: int | None) -> PeerMetrics:
+def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None, data_slot: int | None,
+                 state: str = "training", health: SwarmHealth | None = None) -> PeerMetrics:
     loss = progress.loss_avg if math.isfinite(progress.loss_avg) else None
-    return PeerMetrics(peer_id=peer_id, role=role, address=address, step=progress.step,
-                       samples_seen=progress.samples_seen, loss=loss, samples_per_second=progress.samples_per_second,
-                       local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time())
+    return PeerMetrics(peer_id=peer_id, role=role, state=state, address=address, step=progress.step,
+                       samples_seen=progress.samples_seen, loss=loss,
+                       samples_per_second=progress.samples_per_second if state == "training" else 0.0,
+                       local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time(),
+                       **(health.published() if health is not None else {}))
+
+
+def keep_peer_addresses(dht: hivemind.DHT, run_id: str, peer_id: str, output_dir: Path) -> None:
+    """OUTPUT/peers: the relays and DHT addresses of the peers seen now, tried first when this node restarts."""
+    now = time.time()
+    relays = [m.address for m in read_peers(dht, run_id)
+              if m.peer_id != peer_id and m.address and now - m.time <= GONE_AFTER]
+    remember_peers(output_dir, relays + connected_peer_addresses(dht))
 
 
 def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:

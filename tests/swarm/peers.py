@@ -38,7 +38,7 @@ def free_port() -> int:
 
 class Peer:
     def __init__(self, name: str, folder: Path, *, join: str | None = None, max_steps: int = 40,
-                 env: dict[str, str] | None = None, **sets) -> None:
+                 env: dict[str, str] | None = None, verbose: bool = True, **sets) -> None:
         self.name, self.out, self.join, self.env = name, folder / name, join, env or {}
         self.port = free_port()
         save_settings(NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=self.port,
@@ -48,6 +48,7 @@ class Peer:
         all_sets = {**shared, "output.dir": str(self.out), "train.max_steps": max_steps, **sets}
         self.args = ["-m", "sdswarm"] + (["join", join] if join else ["mother", "configs/tiny.yaml"])
         self.args += [f"--set={key}={value}" for key, value in all_sets.items()]
+        self.args += ["--verbose"] if verbose else []  # the tests read hivemind's lines too
         self.log_path = folder / f"{name}.log"
         self.process: subprocess.Popen | None = None
 
@@ -62,14 +63,25 @@ class Peer:
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
+    def restart(self, *extra: str) -> Peer:
+        """Start this peer again on its output folder (its identity, checkpoints, peers file), e.g. with --resume;
+        its earlier log is kept as NAME.log.1."""
+        self.log_path.rename(self.log_path.with_name(self.log_path.name + ".1"))
+        self.args += list(extra)
+        return self.start()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def metrics(self) -> list[dict]:
+        return [r for r in self.records() if "step" in r]  # the trainer's lines (not rounds, not swarm steps)
+
+    def records(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def rounds(self) -> list[dict]:
+        return [r["round"] for r in self.records() if "round" in r]
 
     def step(self) -> int:
         metrics = self.metrics()

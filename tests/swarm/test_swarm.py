@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import re
 import signal
+import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from sdswarm.swarm.exchange import fetch_swarm_view
 from tests.swarm.peers import Peer
 
 pytestmark = pytest.mark.swarm
@@ -45,6 +48,10 @@ def test_three_peers_train_one_model(peers):
         assert peer.wait_exit(timeout=400) == 0, peer.log()[-4000:]
 
     assert any("Averaged gradients with 3 peers" in peer.log() for peer in everyone), "no round with all three"
+    # the rounds are data: each peer's metrics.jsonl holds them, with their group and bytes
+    rounds = [r for peer in everyone for r in peer.rounds()]
+    assert any(r["kind"] == "gradients" and r["outcome"] == "complete" and r["group_size"] == 3
+               and r["bytes_sent"] > 0 for r in rounds), rounds
     for joiner in joiners:  # the demo is a real bucket: joiners fetch its files from the relay they joined
         assert f"files from Bucket('http://{mother.address}/api/v1/data/" in joiner.log()
     for peer in everyone:
@@ -102,6 +109,57 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
                         timeout=240)
     assert f"files from Bucket('http://{late.address}/api/v1/data/" in newcomer.log()  # the data did not go either
     for peer in (late, newcomer):
+        peer.signal(signal.SIGTERM)
+        assert peer.wait_exit(timeout=120) == 0
+
+
+def test_a_stop_stops_every_process_within_seconds_and_the_terminal_stays_readable(peers):
+    mother = peers("mother", max_steps=100_000, verbose=False).start()
+    mother.wait_until(lambda: mother.step() >= 4, "training", timeout=300)
+    # DHT, averagers, p2pd (torch's shm manager is torch's own: it leaves when its clients have)
+    family = [p for p in psutil.Process(mother.process.pid).children(recursive=True) if p.name() != "torch_shm_manager"]
+    assert any(p.name() == "p2pd" for p in family)
+
+    started = time.monotonic()
+    mother.signal(signal.SIGTERM)  # to the whole group, as a terminal's Ctrl-C or systemd does
+    assert mother.wait_exit(timeout=120) == 0
+    took = time.monotonic() - started
+    _, left = psutil.wait_procs(family, timeout=2)
+    assert not left, f"left behind: {[(p.pid, p.name()) for p in left]}"
+    assert took < 20, f"a stop took {took:.1f} s"  # a few seconds idle: the step, a checkpoint, samples, eval
+    terminal = mother.log()
+    assert terminal.count("SIGTERM received") == 1, "a child process ran the node's signal handler"
+    for noise in ("grace period", "killing it", "Task was destroyed", "Traceback"):
+        assert noise not in terminal, noise
+    # hivemind's chatter is in the output folder's log, not on the terminal
+    assert "accumulated" not in terminal and "accumulated" in (mother.out / "node.log").read_text()
+
+
+def test_a_restarted_mother_rejoins_its_swarm(peers):
+    mother = peers("mother", max_steps=100_000, **{"swarm.min_peers": 2}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
+    joiner = peers("joiner", join=mother.address, max_steps=100_000).start()
+    mother.wait_until(lambda: mother.epoch() >= 3, "epoch 3", timeout=400)
+    mother.wait_until(lambda: (mother.out / "peers").exists(), "the mother remembering its peers")
+
+    mother.signal(signal.SIGTERM)
+    assert mother.wait_exit(timeout=120) == 0
+    epoch = joiner.epoch()
+    joiner.wait_until(lambda: joiner.epoch() >= epoch + 2, "the joiner training on alone", timeout=300)
+
+    mother.restart("--resume")  # no address given: it finds the swarm through the peers it last saw
+    mother.wait_until(lambda: "rejoined the swarm through" in mother.log(), "rejoining", timeout=300)
+    mother.wait_until(lambda: any(m in mother.log() for m in ("start-up barrier skipped", "downloading the current")),
+                      "no wait at a barrier that has passed", timeout=300)
+    mother.wait_until(lambda: "Averaged gradients with 2 peers" in mother.log(), "averaging with the joiner",
+                      timeout=300)
+    # one swarm again: the mother's relay sees both peers, and their weights agree (fingerprints per swarm step)
+    def one_model() -> bool:
+        view = fetch_swarm_view(mother.address)
+        live = [p for p in view["peers"] if not p.get("gone")]
+        return len(live) == 2 and view["spread"] is not None and view["spread"] < 0.5
+    mother.wait_until(one_model, "one swarm, one model in the mother's status", timeout=300)
+    for peer in (mother, joiner):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
 

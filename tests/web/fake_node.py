@@ -66,6 +66,13 @@ class FakeNode:
                     "swarm_epoch": self.step // 20, "swarm_samples": (self.step % 20) * 64, "target_batch_size": 1280,
                     "skipped_steps": 0,
                 })
+                if self.step % 5 == 0:  # an averaging round, as health.RoundLog writes them; every 4th fails
+                    failed = self.step % 20 == 0
+                    self.records.append({"time": time.time(), "round": {
+                        "kind": "gradients", "swarm_step": self.step // 20, "group_size": 1 if failed else 2,
+                        "swarm_peers": 2, "outcome": "failed" if failed else "complete",
+                        "bytes_sent": 0 if failed else 3_400_000, "bytes_received": 0 if failed else 3_400_000,
+                        "duration": 1.5}})
                 wanted, self._checkpoint_wanted = self._checkpoint_wanted, False
                 step = self.step
             if wanted:
@@ -110,7 +117,9 @@ class FakeNode:
                 {"peer_id": "QmMotherPeerIdentity000000000000000000000001", "role": "mother",
                  "address": f"127.0.0.1:{self.join_port}", "step": self.step, "samples_seen": self.step * 64,
                  "loss": last.get("loss_avg"), "samples_per_second": last.get("samples_per_second", 0.0),
-                 "local_epoch": last.get("local_epoch", 0), "time": now - 1},
+                 "local_epoch": last.get("local_epoch", 0), "time": now - 1, "grad_norm": 0.42,
+                 "rounds": [{"kind": "gradients", "outcome": "complete", "group_size": 2},
+                            {"kind": "parameters", "outcome": "failed", "group_size": 1}]},
                 {"peer_id": "QmFriendPeerIdentity000000000000000000000002", "role": "client", "address": None,
                  "step": max(0, self.step - 3), "samples_seen": self.step * 60,
                  "loss": (last.get("loss_avg") or 1.0) * 1.1, "samples_per_second": 35.5,
@@ -130,7 +139,7 @@ class FakeNode:
                 },
                 "swarm": {"run_id": "fake-run", "epoch": last.get("swarm_epoch", 0),
                           "samples_toward_target": last.get("swarm_samples", 0), "target_batch_size": 1280,
-                          "samples_per_second": 75.5, "peers": peers},
+                          "samples_per_second": 75.5, "spread": 0.02, "spread_step": 3, "peers": peers},
                 "data": {"chunks": 2, "pairs_ready": 1900, "pairs_fetched": 1700, "pairs_cached": 200,
                          "discarded": {"bad image": 12, "empty caption": 3, "missing half": 1},
                          "bytes_fetched": 512_000_000, "cache_pairs": 1900, "cache_bytes": 800_000_000,

@@ -75,6 +75,11 @@ def test_the_page_in_chromium(node_url, tmp_path):
             page.wait_for_function(f"() => Number(document.querySelector('#chart-loss').dataset.points) > {first}",
                                    timeout=WAIT_MS)
             expect(page.locator("#peers tbody tr").first).not_to_have_class("empty", timeout=WAIT_MS)
+            # the averaging rounds: dots on their chart, failed ones counted, the peers' rounds in the table
+            page.wait_for_function("() => Number(document.querySelector('#chart-rounds').dataset.points) > 0",
+                                   timeout=WAIT_MS)
+            expect(page.locator("#health-text")).to_contain_text("one model (spread 0.02", timeout=WAIT_MS)
+            expect(page.locator("#peers tbody")).to_contain_text("g2 p!")
             join = status_of(base).get("join_command")
             if join:  # a relay: the dashboard shows the command a friend copies
                 expect(page.locator("#join-command-dash")).to_have_text(join)

@@ -169,6 +169,16 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
     return JoinInfo(base_url=url, config=parsed, peers=peers, base_model=base_model)
 
 
+def fetch_peers(address: str, timeout: float = 5.0) -> list[str]:
+    """A relay's DHT addresses (its peers answer), to rejoin the swarm through it."""
+    url = base_url(address)
+    answer = asyncio.run(_get_json(url + PEERS_PATH, timeout))
+    peers = answer.get("peers") if isinstance(answer, dict) and answer.get("protocol") == PROTOCOL else None
+    if not isinstance(peers, list) or not all(isinstance(p, str) and p.startswith("/") for p in peers):
+        raise ExchangeError(f"relay {url} sent no usable DHT addresses in {PEERS_PATH}")
+    return peers
+
+
 def fetch_swarm_view(address: str, timeout: float = 15.0) -> dict[str, Any]:
     url = base_url(address)
     answer = asyncio.run(_get_json(url + SWARM_PATH, timeout))

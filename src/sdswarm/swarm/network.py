@@ -1,15 +1,24 @@
-"""The DHT a node joins the swarm through."""
+"""The DHT a node joins the swarm through, and the peers it remembers to rejoin it after a restart."""
 
 from __future__ import annotations
 
+import asyncio.subprocess
 import contextlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import hivemind
 import psutil
 
+from sdswarm.atomic import write_atomic
+from sdswarm.swarm.exchange import ExchangeError, fetch_peers
+
 log = logging.getLogger(__name__)
+
+PEERS_FILE = "peers"  # OUTPUT/peers: the addresses of the peers this node last saw, one a line
+MAX_REMEMBERED = 32
 
 
 def start_dht(
@@ -21,17 +30,89 @@ def start_dht(
     identity_path: str | None = None,
 ) -> hivemind.DHT:
     """Start this node's DHT; alone (no initial peers) it is the first node of a new swarm."""
-    dht = hivemind.DHT(
-        initial_peers=list(initial_peers),
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) or None,
-        client_mode=client_mode,
-        identity_path=identity_path,
-        start=True,
-    )
+    with _p2p_daemon_in_its_own_session():
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) or None,
+            client_mode=client_mode,
+            identity_path=identity_path,
+            start=True,
+        )
     addresses = [str(addr) for addr in dht.get_visible_maddrs()]
     log.info("DHT started (peer id %s); reachable at: %s", dht.peer_id, ", ".join(addresses) or "(client mode)")
     return dht
+
+
+@contextlib.contextmanager
+def _p2p_daemon_in_its_own_session() -> Iterator[None]:
+    """The DHT process (forked here) starts hivemind's p2pd: start it in a session of its own.
+
+    A group's SIGTERM (systemd, a test, `kill -- -PGID`) would kill p2pd at once, the Go default, and the node
+    could then neither finish its last averaging round nor say goodbye to its peers. stop_dht and reap_children
+    still end it (it stays this node's child), and a p2pd whose node was killed exits when idle (30 s)."""
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def create(program, *args, **kwargs):
+        if os.path.basename(str(program)) == "p2pd":
+            kwargs.setdefault("start_new_session", True)
+        return await original(program, *args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = create
+    try:
+        yield
+    finally:  # the forked DHT process keeps its own copy of the patch
+        asyncio.subprocess.create_subprocess_exec = original
+
+
+def start_dht_rejoining(candidates: Sequence[str], **dht_options) -> hivemind.DHT:
+    """Start the DHT from the first of `candidates` that answers (DHT multiaddrs, or relays' I.E addresses asked
+    for their DHT addresses); alone if none does, saying so."""
+    maddrs: list[str] = []
+    for candidate in dict.fromkeys(candidates):
+        if candidate.startswith("/"):
+            maddrs.append(candidate)
+            continue
+        try:
+            maddrs += fetch_peers(candidate)
+        except ExchangeError as exc:
+            log.info("known relay %s does not answer (%s)", candidate, exc)
+    if maddrs:
+        try:
+            dht = start_dht(initial_peers=maddrs, **dht_options)
+            log.info("rejoined the swarm through %d known addresses", len(maddrs))
+            return dht
+        except Exception as exc:  # hivemind: no initial peer reachable
+            log.warning("none of the %d known peer addresses answered (%s)", len(maddrs), exc)
+    if candidates:
+        log.warning("starting alone: no peer this node knew answers (a swarm that is still running can be "
+                    "rejoined with --peers RELAY_HOST:PORT)")
+    return start_dht(initial_peers=(), **dht_options)
+
+
+def remember_peers(output_dir: Path, addresses: Sequence[str]) -> None:
+    """Keep the peers' addresses (atomically: a crash never leaves half a file) for the next start."""
+    lines = [a for a in dict.fromkeys(addresses) if a and "\n" not in a][:MAX_REMEMBERED]
+    if not lines:
+        return
+    write_atomic(output_dir / PEERS_FILE, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+
+
+def remembered_peers(output_dir: Path) -> list[str]:
+    path = output_dir / PEERS_FILE
+    if not path.exists():
+        return []
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def connected_peer_addresses(dht: hivemind.DHT) -> list[str]:
+    """The DHT multiaddrs (with /p2p/ id) of the peers this node is connected to now."""
+    return dht.run_coroutine(_connected_addresses)
+
+
+async def _connected_addresses(_dht: hivemind.DHT, node) -> list[str]:  # runs in the DHT process (picklable)
+    return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs
+            if "/tcp/" in str(addr) and "p2p-circuit" not in str(addr)]
 
 
 def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:

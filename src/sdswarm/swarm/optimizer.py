@@ -7,6 +7,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterable
+from functools import partial
 
 import hivemind
 import numpy as np
@@ -23,6 +24,7 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
+from hivemind.optim.grad_averager import GradientAverager
 
 from sdswarm.config import SwarmConfig
 from sdswarm.swarm.costs import NetworkCosts
@@ -179,6 +181,9 @@ def make_optimizer(
         allreduce_timeout=swarm.allreduce_timeout,
         load_state_timeout=costs.load_state_timeout(swarm),
         average_state_every=swarm.average_state_every,
+        # every averager forms its groups with the same request_timeout, below matchmaking_time (config.py checks)
+        averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout),
+        grad_averager_factory=partial(GradientAverager, request_timeout=swarm.matchmaking_request_timeout),
         grad_compression=compression,
         state_averaging_compression=compression,
         load_state_compression=state_compression(),
@@ -219,3 +224,15 @@ def _undo_virtual_step(optimizer: hivemind.Optimizer) -> None:
     for copy, main in zip(copies, optimizer.state_averager.main_parameters, strict=True):
         if copy is not main:  # offloaded: the optimizer steps its own copy and writes it back
             copy.copy_(main)
+
+
+def withdraw_progress(optimizer: SwarmOptimizer) -> None:
+    """A peer that pauses (stopped from its UI) takes its samples and its throughput out of the swarm's progress:
+    the others no longer count them toward the target nor expect its next samples. Its accumulated gradients,
+    trained on weights that will be stale when it resumes, are dropped."""
+    tracker = optimizer.tracker
+    if getattr(optimizer, "grad_averager", None) is not None:
+        optimizer.grad_averager.reset_accumulated_grads_()
+    ema = tracker.performance_ema
+    ema.samples_per_second, ema.ema_seconds_per_sample, ema.num_updates = ema.eps, 0.0, 0
+    tracker.report_local_progress(optimizer.local_epoch, samples_accumulated=0)

@@ -10,24 +10,34 @@ from typing import Any, Literal
 
 import hivemind
 from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from sdswarm.swarm.health import FINGERPRINT_HISTORY, RECENT_ROUNDS, FingerprintEntry, Round, spread
 
 log = logging.getLogger(__name__)
 
 EXPIRATION = 60.0  # a peer that stops publishing drops out of the view after this long
+PERIOD = 5.0  # seconds between a peer's metrics
+GONE_AFTER = 3 * PERIOD  # a peer silent for this long is shown as gone and no longer counted
 
 
 class PeerMetrics(BaseModel):
-    peer_id: str
+    peer_id: str = Field(max_length=128)
     role: Literal["mother", "relay", "client"]
-    address: str | None = None  # the join address (host:port of its I.E endpoint) for relays
+    state: Literal["starting", "training", "stopped"] = "training"
+    address: str | None = Field(None, max_length=256)  # the join address (host:port of its I.E endpoint) for relays
     step: int = 0
     samples_seen: int = 0
     loss: float | None = None  # smoothed
     samples_per_second: float = 0.0
     local_epoch: int = 0  # the swarm step its weights are at (hivemind's name, as every peer reads it)
     data_slot: int | None = None  # its slot in the shard plan (data/shards.py); None until chosen
+    grad_norm: float | None = None  # the averaged gradient's norm at its last swarm step, before clipping
+    rounds: list[Round] = Field(default_factory=list, max_length=RECENT_ROUNDS)  # its latest averaging rounds
+    fingerprints: list[FingerprintEntry] = Field(default_factory=list, max_length=FINGERPRINT_HISTORY)
+    resyncs: int = 0  # times it re-loaded the state from peers after drifting away
     time: float = 0.0
+    gone: bool = False  # set by the reader: silent for GONE_AFTER seconds
 
 
 class SwarmView(BaseModel):
@@ -35,9 +45,12 @@ class SwarmView(BaseModel):
 
     run_id: str
     epoch: int  # the newest swarm step any peer reports (hivemind's global epoch; the I.E answer's field name)
-    samples_toward_target: int
+    samples_toward_target: int  # at most the target: what is past it goes into a step that is due already
     target_batch_size: int
-    samples_per_second: float
+    progress: float = 0.0  # samples_toward_target / target_batch_size, never above 1
+    samples_per_second: float  # of the live peers
+    spread: float | None = None  # how far apart the peers' weights are, in swarm steps' worth of movement
+    spread_step: int | None = None  # the swarm step that spread was measured at
     peers: list[PeerMetrics]
 
 
@@ -62,14 +75,39 @@ def read_peers(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
 
 
 def read_swarm(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmView:
+    now = get_dht_time()
     peers = read_peers(dht, run_id)
-    progress = [entry for _, entry in _entries(dht, f"{run_id}_progress") if isinstance(entry, dict)]
+    for peer in peers:
+        peer.gone = now - peer.time > GONE_AFTER
+    gone = {peer.peer_id for peer in peers if peer.gone}
+    live = [peer for peer in peers if not peer.gone]
+    progress = [entry for _, entry in _entries(dht, f"{run_id}_progress")
+                if isinstance(entry, dict) and _progress_peer(entry) not in gone]
     epochs = [int(p.get("epoch", 0)) for p in progress if isinstance(p.get("epoch"), int)]
-    epoch = max(epochs, default=max((p.local_epoch for p in peers), default=0))
-    toward = sum(int(p.get("samples_accumulated", 0)) for p in progress if p.get("epoch") == epoch)
-    rate = sum(p.samples_per_second for p in peers if math.isfinite(p.samples_per_second))
+    epoch = max(epochs, default=max((p.local_epoch for p in live), default=0))
+    toward = sum(int(p.get("samples_accumulated", 0)) for p in progress
+                 if p.get("epoch") == epoch and isinstance(p.get("samples_accumulated"), int))
+    toward = max(0, min(toward, target_batch_size))
+    rate = sum(p.samples_per_second for p in live if p.state == "training" and math.isfinite(p.samples_per_second))
+    spread_step, width, _ = spread({p.peer_id: p.fingerprints for p in live}) or (None, None, None)
     return SwarmView(run_id=run_id, epoch=epoch, samples_toward_target=toward, target_batch_size=target_batch_size,
-                     samples_per_second=rate, peers=sorted(peers, key=lambda p: p.peer_id))
+                     progress=toward / target_batch_size, samples_per_second=rate,
+                     spread=None if width is None else round(width, 3), spread_step=spread_step,
+                     peers=sorted(peers, key=lambda p: (p.gone, p.peer_id)))
+
+
+def read_fingerprints(dht: hivemind.DHT, run_id: str) -> dict[str, list[FingerprintEntry]]:
+    """The weight fingerprints the live peers publish, by peer id."""
+    now = get_dht_time()
+    return {p.peer_id: p.fingerprints for p in read_peers(dht, run_id) if now - p.time <= GONE_AFTER}
+
+
+def _progress_peer(entry: dict) -> str | None:
+    """The peer id of a hivemind progress record (bytes), as telemetry names it."""
+    try:
+        return hivemind.PeerID(entry["peer_id"]).to_base58()
+    except Exception:
+        return None
 
 
 def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
@@ -82,15 +120,19 @@ def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
 class Publisher(threading.Thread):
     """Publishes this peer's metrics every `period` seconds until stopped."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, snapshot: Callable[[], PeerMetrics], period: float = 5.0):
+    def __init__(self, dht: hivemind.DHT, run_id: str, snapshot: Callable[[], PeerMetrics], period: float = PERIOD,
+                 after: Callable[[], None] | None = None):
         super().__init__(name="telemetry", daemon=True)
         self.dht, self.run_id, self.snapshot, self.period = dht, run_id, snapshot, period
+        self.after = after  # called after each publication (e.g. remembering the peers)
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
                 publish(self.dht, self.run_id, self.snapshot())
+                if self.after is not None:
+                    self.after()
             except Exception as exc:  # telemetry must never take training down
                 log.debug("could not publish metrics: %s", exc)
             self._halt.wait(self.period)

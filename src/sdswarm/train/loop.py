@@ -23,6 +23,7 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents
 from sdswarm.model.lora import BaseIdentity
 from sdswarm.model.text import PromptEncoder, drop_captions
+from sdswarm.swarm.health import finish_pending_rounds
 from sdswarm.swarm.optimizer import SwarmOptimizer, global_weights
 from sdswarm.train.checkpoint import Checkpoints
 from sdswarm.train.latents import LatentCache
@@ -127,6 +128,7 @@ class Trainer:
                 p.samples_seen += len(batch.captions)
                 p.data_round, p.data_batch = data_round, data_batch + 1
                 p.data_slot = self.stream.slot_of(data_round)
+                self._read_swarm_progress()  # every step: telemetry publishes these more often than log_every
                 window_samples += len(batch.captions)
                 self._record_loss(loss)
                 if p.step % output.log_every == 0 or p.step == train.max_steps:
@@ -149,6 +151,7 @@ class Trainer:
             bar.close()
         if stop.is_set():
             log.info("stop requested at step %d: saving a checkpoint", p.step)
+        finish_pending_rounds(self.optimizer)  # every peer saves the weights the swarm averaged last
         self.save_checkpoint(wait=True)
         if self.last_samples is None or self.last_samples.name != f"step_{p.step:08d}.png":  # not just made
             self.save_samples()
@@ -237,12 +240,16 @@ class Trainer:
         if math.isfinite(loss):
             p.loss_avg = loss if math.isnan(p.loss_avg) else 0.95 * p.loss_avg + 0.05 * loss
 
-    def _publish(self, bar: tqdm) -> None:
+    def _read_swarm_progress(self) -> None:
         p, tracker = self.progress, self.optimizer.tracker
         p.local_epoch, p.swarm_epoch = self.optimizer.local_epoch, tracker.global_epoch
-        p.swarm_samples = tracker.global_progress.samples_accumulated
         p.checkpoints = [c.name for c in self.checkpoints.all()]  # a background write may have finished since
         p.target_batch_size = self.optimizer.target_batch_size  # DiLoCo's follows the number of peers
+        # what is past the target goes into a step that is due already: never shown as more than the target
+        p.swarm_samples = min(tracker.global_progress.samples_accumulated, p.target_batch_size)
+
+    def _publish(self, bar: tqdm) -> None:
+        p = self.progress
         bar.set_postfix(
             loss=f"{p.loss_avg:.4f}", samples_s=f"{p.samples_per_second:.1f}",
             swarm_step=f"{p.local_epoch}/{p.swarm_epoch}", swarm=f"{p.swarm_samples}/{p.target_batch_size}",

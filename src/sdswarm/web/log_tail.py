@@ -21,7 +21,8 @@ class LogTail(logging.Handler):
 
     @contextlib.contextmanager
     def attached(self):
-        loggers = [logging.getLogger(), logging.getLogger("hivemind")]  # hivemind's does not propagate
+        hivemind = logging.getLogger("hivemind")  # does not propagate unless logs.setup_logging said so
+        loggers = [logging.getLogger()] + ([] if hivemind.propagate else [hivemind])
         for logger in loggers:
             logger.addHandler(self)
         try:

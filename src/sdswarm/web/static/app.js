@@ -8,7 +8,7 @@ const TOKEN_KEY = "sdswarm-admin-token";
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  since: 0, swarmSince: 0, local: [], swarm: [], charts: {}, samples: "", checkpoints: "",
+  since: 0, swarmSince: 0, local: [], rounds: [], swarm: [], charts: {}, samples: "", checkpoints: "",
   status: null, pendingAdmin: null, settingsLoaded: false,
 };
 
@@ -207,10 +207,16 @@ function renderStatus(status) {
   const now = status.server_time || Date.now() / 1000;
   fillTable($("peers").tBodies[0], peers.map((peer) => {
     const id = el("span", shortId(peer.peer_id), { title: String(peer.peer_id || "") });
-    return row([id, peer.role, peer.address || "–", fmt(peer.step), fmt(peer.loss, 4),
-      fmt(peer.samples_per_second, 1), fmt(peer.local_epoch), ago(now - peer.time)],
-      [null, null, "mono", "num", "num", "num", "num", null]);
-  }), "No peers reported yet.", 8);
+    const standing = peer.gone ? "gone" : (peer.state && peer.state !== "training" ? peer.state : "");
+    const role = standing ? `${peer.role} · ${standing}` : peer.role;
+    const rounds = (Array.isArray(peer.rounds) ? peer.rounds : []).slice(-6).map(roundMark).join(" ");
+    const tr = row([id, role, peer.address || "–", fmt(peer.step), fmt(peer.loss, 4),
+      fmt(peer.samples_per_second, 1), fmt(peer.local_epoch), fmt(peer.grad_norm, 3), rounds || "–",
+      ago(now - peer.time)], [null, null, "mono", "num", "num", "num", "num", "num", "mono", null]);
+    if (peer.gone) tr.className = "gone";
+    return tr;
+  }), "No peers reported yet.", 10);
+  renderHealth(swarm);
 
   renderData(status.data);
   document.querySelectorAll(".controls button[data-action]").forEach((button) => {
@@ -219,6 +225,26 @@ function renderStatus(status) {
       || (action !== "start" && status.state === "stopped");
   });
   renderJoin(status);
+}
+
+// a round in a few characters: g3 (gradients with 3 peers), p2~ (partial), g! (failed), g- (alone)
+function roundMark(r) {
+  const kind = String((r && r.kind) || "?").slice(0, 1);
+  const outcome = r && r.outcome;
+  if (outcome === "failed") return `${kind}!`;
+  if (outcome === "alone") return `${kind}-`;
+  return `${kind}${fmt(r.group_size)}${outcome === "partial" ? "~" : ""}`;
+}
+
+function renderHealth(swarm) {
+  const counts = {};
+  for (const r of state.rounds) counts[r.outcome] = (counts[r.outcome] || 0) + 1;
+  const parts = ["complete", "partial", "failed", "alone"].filter((k) => counts[k]).map((k) => `${counts[k]} ${k}`);
+  const spread = value(swarm.spread);
+  const model = spread === null ? "one model: not known yet"
+    : spread <= 1 ? `one model (spread ${spread.toFixed(2)} steps' worth)`
+      : `peers drifted apart (spread ${spread.toFixed(2)} steps' worth)`;
+  $("health-text").textContent = `${model}; this node's rounds: ${parts.join(", ") || "none yet"}`;
 }
 
 const DATA_LABELS = {
@@ -313,9 +339,15 @@ function setupCharts() {
     { label: "this node", stroke: "#0891b2", width: 2, spanGaps: true },
     { label: "swarm", stroke: "#16a34a", width: 2, spanGaps: true },
   ], "samples/s");
+  const dots = { paths: () => null, points: { show: true, size: 7 } };
+  state.charts.rounds = makeChart("chart-rounds", [
+    { label: "gradients (MB sent)", stroke: "#4f46e5", ...dots },
+    { label: "parameters (MB sent)", stroke: "#16a34a", ...dots },
+    { label: "failed", stroke: "#dc2626", ...dots },
+  ], "MB");
   window.addEventListener("resize", () => {
     for (const [name, chart] of Object.entries(state.charts)) {
-      chart.setSize({ width: chartWidth(name === "loss" ? "chart-loss" : "chart-speed"), height: 240 });
+      chart.setSize({ width: chartWidth(`chart-${name}`), height: 240 });
     }
   });
 }
@@ -336,6 +368,11 @@ function drawCharts() {
   state.charts.speed.setData([joined[0], joined[3], joined[5]]);
   // how many loss points are drawn: for a reader of the page (and its browser test), not only the canvas
   $("chart-loss").dataset.points = String(joined[2].filter((v) => v !== null && v !== undefined).length);
+  const rounds = state.rounds;
+  const sent = (kind) => rounds.map((r) => (r.kind === kind && r.outcome !== "failed" ? value(r.bytes_sent) / 1e6 : null));
+  state.charts.rounds.setData([rounds.map((r) => r.time), sent("gradients"), sent("parameters"),
+    rounds.map((r) => (r.outcome === "failed" ? 0 : null))]);
+  $("chart-rounds").dataset.points = String(rounds.length);
   $("loss-note").textContent = swarm.some((r) => r.loss !== null) ? ""
     : "The swarm's loss appears once peers publish theirs.";
 }
@@ -343,7 +380,10 @@ function drawCharts() {
 async function pollHistory() {
   const answer = await getJSON(`${API}/history?since=${state.since}&swarm_since=${state.swarmSince}`);
   if (answer.local.length) {
-    state.local.push(...answer.local);
+    // metrics.jsonl holds the trainer's records ("step"), averaging rounds ("round") and swarm steps
+    state.local.push(...answer.local.filter((r) => "step" in r));
+    state.rounds.push(...answer.local.filter((r) => r.round && typeof r.round === "object")
+      .map((r) => ({ ...r.round, time: r.time })));
     state.since = answer.local[answer.local.length - 1].time;
   }
   if (answer.swarm.length) {

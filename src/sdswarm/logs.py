@@ -1,0 +1,68 @@
+"""Where log lines go: a terminal a person can read, and everything in OUTPUT/node.log.
+
+hivemind writes several INFO lines a second ("accumulated N samples", "Pre-scheduling ..."); on the terminal only
+its warnings show, unless --verbose. The node's own lines (one per log interval, per averaging round, per swarm
+step) and every warning show. The file gets all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hivemind.utils.logging import use_hivemind_log_handler
+from tqdm.auto import tqdm
+
+LOG_FILE = "node.log"
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# asyncio's complaints about the tasks hivemind leaves behind when its processes shut down: not the user's concern
+SHUTDOWN_NOISE = ("Task was destroyed but it is pending", "Task exception was never retrieved")
+
+
+class TerminalFilter(logging.Filter):
+    """What reaches the terminal: not hivemind's chatter (below WARNING) unless verbose; never shutdown noise."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" and record.getMessage().startswith(SHUTDOWN_NOISE):
+            return False
+        return self.verbose or record.levelno >= logging.WARNING or not record.name.startswith("hivemind")
+
+
+class TerminalHandler(logging.StreamHandler):
+    """Log lines above the progress bar, not through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(*, verbose: bool = False) -> None:
+    """The terminal handler; hivemind's records go through the root logger, not through its own handler."""
+    use_hivemind_log_handler("nowhere")
+    terminal = TerminalHandler(sys.stderr)
+    terminal.setFormatter(logging.Formatter(TERMINAL_FORMAT))
+    terminal.addFilter(TerminalFilter(verbose))
+    root = logging.getLogger()
+    root.handlers = [terminal]
+    root.setLevel(logging.INFO)
+
+
+def attach_log_file(output_dir: Path) -> logging.Handler:
+    """Everything this node logs, hivemind's INFO lines included, in OUTPUT/node.log (appended across runs)."""
+    handler = logging.FileHandler(output_dir / LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()

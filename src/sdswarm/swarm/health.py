@@ -1,0 +1,326 @@
+"""Swarm health: averaging rounds and their outcomes, weight fingerprints, drift and re-sync.
+
+hivemind 1.1.12 (as pinned) learns a round's outcome in two places, both watched here without changing it:
+- gradients: `Optimizer._begin_averaging_gradients` (no group could even start) and
+  `Optimizer._average_gradients_and_load_into_optimizer` (its StepControl ends with the gathered peers or an error);
+- parameters: the state averager's background thread only logs the outcome ("Averaged parameters with N peers",
+  "Averaging failed with ..."): a logging handler on its logger reads it.
+Another way of averaging (the DiLoCo outer step) calls `RoundLog.record` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import hivemind
+import torch
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["complete", "partial", "failed", "alone"]
+RECENT_ROUNDS = 8  # rounds each peer publishes to the swarm
+FINGERPRINT_HISTORY = 4  # swarm steps of fingerprints each peer publishes, so peers find a step in common
+DRIFT_CHECK_PERIOD = 5.0  # seconds between reads of the others' fingerprints (they publish every 5 s)
+DRIFT_TOLERANCE = 3.0  # distance from the others, in swarm steps' worth of movement, that triggers a re-sync
+
+
+class Round(BaseModel):
+    """One averaging round (hivemind all-reduce) as this peer saw it."""
+
+    kind: Literal["gradients", "parameters", "outer"]
+    swarm_step: int  # the swarm step (hivemind's local_epoch) the round belongs to
+    group_size: int = Field(ge=0, le=100_000)  # peers averaged with, this one included; 1 when alone or failed
+    swarm_peers: int = Field(ge=0, le=100_000)  # peers hivemind's tracker saw when the round began
+    outcome: Outcome  # partial: a group smaller than the swarm; alone: nobody else to average with
+    bytes_sent: int = Field(ge=0)  # estimated: the tensors' size on the wire, butterfly all-reduce
+    bytes_received: int = Field(ge=0)
+    duration: float = Field(ge=0)  # seconds from the round's start to its outcome
+    time: float = 0.0
+
+
+def round_bytes(values: int, bytes_per_value: float, group_size: int) -> int:
+    """Bytes one peer sends (and receives) in a butterfly all-reduce of `values` numbers among `group_size` peers:
+    its share of the others' parts out, their averages back: 2 (n-1)/n of the tensor each way."""
+    if group_size <= 1:
+        return 0
+    return int(2 * (group_size - 1) / group_size * values * bytes_per_value)
+
+
+class RoundLog:
+    """The rounds of this peer: a concise log line each, a record in metrics.jsonl, the recent ones for telemetry."""
+
+    def __init__(self, metrics_path: Path | None, *, values: int, bytes_per_value: float) -> None:
+        self.metrics_path, self.values, self.bytes_per_value = metrics_path, values, bytes_per_value
+        self.recent: deque[Round] = deque(maxlen=RECENT_ROUNDS)
+        self.counts: Counter[str] = Counter()  # "gradients complete": n, ...
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, *, swarm_step: int, group_size: int, swarm_peers: int, outcome: Outcome,
+               duration: float) -> Round:
+        """Record one round; callable from any thread (the DiLoCo outer step's included)."""
+        size = round_bytes(self.values, self.bytes_per_value, group_size)
+        entry = Round(kind=kind, swarm_step=swarm_step, group_size=group_size, swarm_peers=swarm_peers,
+                      outcome=outcome, bytes_sent=size, bytes_received=size, duration=max(duration, 0.0),
+                      time=time.time())
+        level = logging.WARNING if outcome in ("failed", "partial") else logging.INFO
+        log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way", kind, swarm_step,
+                outcome, group_size, swarm_peers, entry.duration, _megabytes(size))
+        with self._lock:
+            self.recent.append(entry)
+            self.counts[f"{kind} {outcome}"] += 1
+        self.write({"round": entry.model_dump(exclude={"time"})})
+        return entry
+
+    def write(self, record: dict) -> None:
+        """One line of metrics.jsonl (the trainer's lines have a "step"; these a "round" or a "swarm_step")."""
+        if self.metrics_path is None:
+            return
+        with self._lock, open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [r.model_dump() for r in self.recent]
+
+
+class WeightFingerprint:
+    """A few fixed random projections of the trainable weights: equal on peers that hold one model.
+
+    The projections read a fixed random sample of coordinates (the same on every peer: drawn from the run seed),
+    so a fingerprint costs a gather of `sample` values, not a pass over the model."""
+
+    def __init__(self, params: Sequence[torch.Tensor], *, seed: int, sample: int = 4096, projections: int = 4):
+        generator = torch.Generator().manual_seed(seed)
+        sizes = torch.tensor([p.numel() for p in params])
+        offsets = torch.cumsum(sizes, 0)
+        picks = torch.randint(int(offsets[-1]), (sample,), generator=generator).sort().values
+        owners = torch.bucketize(picks, offsets, right=True)
+        starts = offsets - sizes
+        self.params = list(params)
+        self.picks = [(i, (picks[owners == i] - starts[i]).to(p.device)) for i, p in enumerate(params)
+                      if (owners == i).any()]
+        self.matrix = torch.randn(projections, sample, generator=generator) / math.sqrt(sample)
+
+    @torch.no_grad()
+    def __call__(self) -> list[float]:
+        values = torch.cat([self.params[i].detach().reshape(-1)[idx].float().cpu() for i, idx in self.picks])
+        return [round(float(v), 7) for v in self.matrix @ values]
+
+
+class FingerprintEntry(BaseModel):
+    swarm_step: int
+    values: list[float] = Field(max_length=16)
+    movement: float | None = None  # distance from this peer's fingerprint one swarm step earlier
+
+
+def spread(fingerprints: dict[str, list[FingerprintEntry]]) -> tuple[int, float, dict[str, float]] | None:
+    """Where the peers stand against each other at the latest swarm step they all published:
+    (that step, the largest distance between two peers in swarm steps' worth of movement, each peer's distance
+    from the others' median). None when fewer than two peers share a step."""
+    by_step: dict[int, dict[str, FingerprintEntry]] = {}
+    for peer, entries in fingerprints.items():
+        for entry in entries:
+            by_step.setdefault(entry.swarm_step, {})[peer] = entry
+    shared = [step for step, peers in by_step.items() if len(peers) >= 2]
+    if not shared:
+        return None
+    step = max(shared, key=lambda s: (len(by_step[s]), s))
+    entries = by_step[step]
+    moves = sorted(e.movement for e in entries.values() if e.movement)
+    scale = moves[len(moves) // 2] if moves else None
+    if not scale:
+        return None
+    vectors = {peer: torch.tensor(e.values, dtype=torch.float64) for peer, e in entries.items()}
+    center = torch.stack(list(vectors.values())).median(dim=0).values
+    distances = {peer: float((v - center).norm()) / scale for peer, v in vectors.items()}
+    widest = max(float((a - b).norm()) for a in vectors.values() for b in vectors.values()) / scale
+    return step, widest, distances
+
+
+def finish_pending_rounds(optimizer: hivemind.Optimizer) -> None:
+    """Wait for the parameter round hivemind runs in the background after a swarm step, and apply its result.
+
+    Without this a peer that stops right after a swarm step (train.max_swarm_steps, a signal) saves the weights it had
+    before the swarm averaged them: the round that would merge a peer's step on local gradients (after a failed
+    gradient round) lands after the checkpoint, and the peers end as different models."""
+    if not isinstance(optimizer, hivemind.Optimizer):  # DiLoCo's outer step is synchronous
+        return
+    averager = optimizer.state_averager
+    if not averager.pending_updates:
+        return
+    log.info("waiting for the swarm's last parameter round before saving")
+    averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+
+
+class SwarmHealth:
+    """Watches one hivemind.Optimizer: records its rounds, the gradient norm and a fingerprint per swarm step,
+    and re-syncs this peer from the others when it has drifted away from them."""
+
+    def __init__(self, optimizer: hivemind.Optimizer, rounds: RoundLog, fingerprint: WeightFingerprint | None,
+                 peer_fingerprints: Callable[[], dict[str, list[FingerprintEntry]]] | None = None) -> None:
+        self.optimizer, self.rounds, self.fingerprint = optimizer, rounds, fingerprint
+        self.peer_fingerprints = peer_fingerprints
+        self.fingerprints: deque[FingerprintEntry] = deque(maxlen=FINGERPRINT_HISTORY)
+        self.grad_norm: float | None = None
+        self.spread: float | None = None  # the swarm's, in swarm steps' worth of movement
+        self.resyncs = 0
+        self._grad_started = time.perf_counter()
+        self._grad_peers = 0
+        self._state_round: tuple[float, int, int] | None = None  # start, swarm step, swarm peers
+        self._drift_checked = -math.inf
+
+    # --- hooks (hivemind 1.1.12) ---
+
+    def attach(self) -> SwarmHealth:
+        """Hook into hivemind.Optimizer. Another way of averaging (swarm/diloco.py) reports its rounds itself."""
+        self._handler = None
+        if not isinstance(self.optimizer, hivemind.Optimizer):
+            return self
+        opt = self.optimizer
+        opt._begin_averaging_gradients = self._wrap_begin(opt._begin_averaging_gradients)
+        opt._average_gradients_and_load_into_optimizer = self._wrap_average(
+            opt._average_gradients_and_load_into_optimizer)
+        opt._update_global_epoch = self._wrap_update(opt._update_global_epoch)
+        opt.state_averager.step = self._wrap_state_step(opt.state_averager.step)
+        self._handler = _StateRoundHandler(self._state_round_done)
+        logging.getLogger("hivemind.optim.state_averager").addHandler(self._handler)
+        return self
+
+    def detach(self) -> None:
+        if self._handler is not None:
+            logging.getLogger("hivemind.optim.state_averager").removeHandler(self._handler)
+
+    def _swarm_peers(self) -> int:
+        return max(int(self.optimizer.tracker.global_progress.num_peers), 1)
+
+    def _wrap_begin(self, begin):
+        @functools.wraps(begin)
+        def wrapped(*args, **kwargs):
+            self._grad_started, self._grad_peers = time.perf_counter(), self._swarm_peers()
+            began = begin(*args, **kwargs)
+            if not began:  # hivemind goes on with local gradients and never calls _average_gradients...
+                outcome = "alone" if self._grad_peers <= 1 else "failed"
+                self._record_gradients(outcome, 1)
+            return began
+        return wrapped
+
+    def _wrap_average(self, average):
+        @functools.wraps(average)
+        def wrapped(control, *args, **kwargs):
+            try:
+                return average(control, *args, **kwargs)
+            finally:
+                if control is None:
+                    self._record_gradients("alone", 1)
+                elif control.done() and control.exception() is None:
+                    group = len(control.result())
+                    self._record_gradients("complete" if group >= self._grad_peers else "partial", group)
+                else:
+                    self._record_gradients("failed", 1)
+        return wrapped
+
+    def _record_gradients(self, outcome: Outcome, group: int) -> None:
+        self.rounds.record("gradients", swarm_step=self.optimizer.local_epoch, group_size=group,
+                           swarm_peers=self._grad_peers, outcome=outcome,
+                           duration=time.perf_counter() - self._grad_started)
+
+    def _wrap_state_step(self, step):
+        @functools.wraps(step)
+        def wrapped(*args, **kwargs):
+            if kwargs.get("averaging_round"):
+                self._state_round = (time.perf_counter(), self.optimizer.local_epoch, self._swarm_peers())
+            return step(*args, **kwargs)
+        return wrapped
+
+    def _state_round_done(self, group: int | None) -> None:
+        if self._state_round is None:
+            return
+        started, swarm_step, peers = self._state_round
+        self._state_round = None
+        outcome = "failed" if group is None else ("complete" if group >= peers else "partial")
+        self.rounds.record("parameters", swarm_step=swarm_step, group_size=group or 1, swarm_peers=peers,
+                           outcome=outcome, duration=time.perf_counter() - started)
+
+    def _wrap_update(self, update):
+        @functools.wraps(update)
+        def wrapped(*args, **kwargs):
+            result = update(*args, **kwargs)
+            self.after_swarm_step()
+            return result
+        return wrapped
+
+    # --- after each swarm step (on the training thread) ---
+
+    def after_swarm_step(self) -> None:
+        self.grad_norm = getattr(self.optimizer.opt, "last_grad_norm", None)
+        if self.fingerprint is None:
+            return
+        values = self.fingerprint()
+        previous = self.fingerprints[-1] if self.fingerprints else None
+        movement = None if previous is None else math.dist(values, previous.values)
+        self.fingerprints.append(FingerprintEntry(swarm_step=self.optimizer.local_epoch, values=values,
+                                                  movement=movement))
+        self.rounds.write({"swarm_step": self.optimizer.local_epoch, "grad_norm": self.grad_norm,
+                           "fingerprint": values})
+        self._check_drift()
+
+    def _check_drift(self) -> None:
+        if self.peer_fingerprints is None or time.monotonic() - self._drift_checked < DRIFT_CHECK_PERIOD:
+            return
+        self._drift_checked = time.monotonic()
+        me = str(self.optimizer.dht.peer_id)
+        try:
+            found = spread({**self.peer_fingerprints(), me: list(self.fingerprints)})
+        except Exception as exc:  # the DHT is having trouble: check again after the next step
+            log.debug("could not read the swarm's fingerprints: %s", exc)
+            return
+        if found is None:
+            return
+        swarm_step, self.spread, distances = found
+        mine = distances.get(me)
+        if mine is not None and len(distances) >= 3 and mine > DRIFT_TOLERANCE:
+            log.warning("this peer drifted from the swarm (%.1f swarm steps' worth at step %d): loading the state "
+                        "from peers", mine, swarm_step)
+            self.optimizer.load_state_from_peers()
+            self.resyncs += 1
+            self.fingerprints.clear()
+
+    def published(self) -> dict:
+        """What this peer tells the swarm about its health (telemetry)."""
+        return {"rounds": self.rounds.snapshot(), "grad_norm": self.grad_norm,
+                "fingerprints": [f.model_dump() for f in self.fingerprints], "resyncs": self.resyncs}
+
+
+class _StateRoundHandler(logging.Handler):
+    """Reads the outcome of a parameter round from the state averager's log (the only place hivemind says it)."""
+
+    DONE = re.compile(r"Averaged parameters with (\d+) peers")
+
+    def __init__(self, done: Callable[[int | None], None]) -> None:
+        super().__init__(logging.DEBUG)
+        self.done = done
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if found := self.DONE.search(message):
+                self.done(int(found.group(1)))
+            elif message.startswith("Averaging failed with"):
+                self.done(None)
+        except Exception:  # a health record must never break hivemind
+            log.debug("could not record a parameter round", exc_info=True)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 10_000 else f"{size} B"

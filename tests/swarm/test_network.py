@@ -1,0 +1,45 @@
+"""The peers a node remembers, and rejoining through them (DHTs only, on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import logging
+
+from sdswarm.swarm.network import (
+    PEERS_FILE,
+    connected_peer_addresses,
+    remember_peers,
+    remembered_peers,
+    start_dht,
+    start_dht_rejoining,
+    stop_dht,
+)
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def test_the_peers_file_round_trips_and_ignores_junk(tmp_path):
+    remember_peers(tmp_path, ["1.2.3.4:80", "/ip4/1.2.3.4/tcp/5/p2p/Qm", "1.2.3.4:80", "bad\nline", ""])
+    assert remembered_peers(tmp_path) == ["1.2.3.4:80", "/ip4/1.2.3.4/tcp/5/p2p/Qm"]
+    assert [p.name for p in tmp_path.iterdir()] == [PEERS_FILE]  # no temp file left beside it
+    assert remembered_peers(tmp_path / "nowhere") == []
+
+
+def test_a_restart_rejoins_through_remembered_addresses_or_starts_alone_saying_so(caplog):
+    caplog.set_level(logging.INFO)
+    first = start_dht(initial_peers=[], host_maddrs=LOOPBACK)
+    second = start_dht(initial_peers=[str(a) for a in first.get_visible_maddrs()], host_maddrs=LOOPBACK)
+    started = [first, second]
+    try:
+        known = connected_peer_addresses(second)
+        assert known and all(f"/p2p/{first.peer_id}" in a for a in known)
+        # a relay that is gone is skipped; the remembered DHT address works
+        back = start_dht_rejoining(["127.0.0.1:1", *known], host_maddrs=LOOPBACK)
+        started.append(back)
+        assert "rejoined the swarm through" in caplog.text
+        assert any(str(first.peer_id) in a for a in connected_peer_addresses(back))
+        alone = start_dht_rejoining([f"/ip4/127.0.0.1/tcp/1/p2p/{first.peer_id}"], host_maddrs=LOOPBACK)
+        started.append(alone)
+        assert "starting alone: no peer this node knew answers" in caplog.text
+    finally:
+        for dht in started:
+            stop_dht(dht)
