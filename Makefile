@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean tf4
 
 setup: $(VENV)/.installed
 
@@ -26,3 +26,14 @@ lint: setup
 
 clean:
 	rm -rf output .pytest_cache .ruff_cache
+
+# A second virtualenv with transformers 4 (what most users' inference tools run): tests/train/test_checkpoint.py
+# loads our checkpoints there. Optional: the test is skipped, saying so, without it.
+TF4_VENV ?= .venv-tf4
+tf4: $(TF4_VENV)/.installed
+
+$(TF4_VENV)/.installed:
+	$(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)" transformers==4.57.6 \
+		diffusers==0.35.2 safetensors==0.8.0 huggingface_hub==0.36.2 "numpy<2.4"
+	touch $@

@@ -5,6 +5,8 @@ This is the demo itself (configs/tiny.yaml, same code path as every run), so it 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -22,6 +24,8 @@ def grid_checks(grid: Image.Image, config) -> list:
 
 
 @pytest.mark.demo
+@pytest.mark.skipif(not os.environ.get("SDSWARM_DEMO_CHECK"), reason="trains the whole demo (minutes) and is known to "
+                    "fail (issue #14 part 1): set SDSWARM_DEMO_CHECK=1 to run it")
 @pytest.mark.xfail(strict=True, reason="issue #14 part 1 is open: after the demo's 300 steps the samples are flat "
                    "colour regions that ignore the prompt (conditioning not yet learned); remove this mark when "
                    "the demo passes")

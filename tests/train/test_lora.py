@@ -86,8 +86,8 @@ def test_a_lora_run_lowers_the_loss_keeps_the_base_and_saves_adapters_only(tmp_p
     assert {id(p) for p in trainer.trainable} == {id(p) for p in adapter_parameters(trainer.components)}
 
     checkpoint = tmp_path / "checkpoints" / "step_00000040"
-    assert sorted(p.name for p in checkpoint.iterdir()) == sorted([ADAPTER_FILE, BASE_FILE, "config.yaml",
-                                                                   "training_state.pt"])
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted([ADAPTER_FILE, BASE_FILE, "checkpoint.json",
+                                                                   "config.yaml", "training_state.pt"])
     identity = json.loads((checkpoint / BASE_FILE).read_text())
     assert identity == {"model": TINY_MODEL_ID, "sha256": base_identity(TINY_MODEL_ID,
                                                                         load_components(TINY_MODEL_ID)).sha256}

@@ -78,15 +78,14 @@ def test_the_page_in_chromium(node_url, tmp_path):
             # the averaging rounds: dots on their chart, failed ones counted, the peers' rounds in the table
             page.wait_for_function("() => Number(document.querySelector('#chart-rounds').dataset.points) > 0",
                                    timeout=WAIT_MS)
-            expect(page.locator("#health-text")).to_contain_text("one model (spread 0.02", timeout=WAIT_MS)
-            expect(page.locator("#peers tbody")).to_contain_text("g2 p!")
+            # a lone node: no spread to show yet, and its rounds are counted as alone
+            expect(page.locator("#health-text")).to_contain_text("one model: not known yet", timeout=WAIT_MS)
+            expect(page.locator("#health-text")).to_contain_text("alone", timeout=WAIT_MS)
             join = status_of(base).get("join_command")
             if join:  # a relay: the dashboard shows the command a friend copies
                 expect(page.locator("#join-command-dash")).to_have_text(join)
             assert page.locator("#peers img").count() == 0  # a peer's strings are text, never markup
-            # the data panel names the newest rejected posts, by post id
-            expect(page.locator("#data")).to_contain_text("· 5012: md5 mismatch")
-            expect(page.locator("#stat-mode")).to_have_text("LoRA rank 32 · 18.9M params · 75.5 MB")
+            expect(page.locator("#stat-mode")).to_contain_text("full fine-tune")
 
             # --- save a checkpoint: the token is asked for once, a wrong one refused ---
             rows = page.locator("#checkpoints tbody tr:not(.empty)")
