@@ -162,58 +162,74 @@ def kb_field(path: Path, name: str) -> int:
     return 0
 
 
-def run_memory(folder: Path, steps: int, timeout: float) -> None:
+def run_memory(folder: Path, steps: int, timeout: float, config: str = "configs/sd_1-5-lora.yaml",
+               sets: dict[str, object] | None = None, timeline: Path | None = None) -> dict:
+    """The node on `config` at real size until `steps` steps and a checkpoint; prints and returns the figures.
+    `timeline`: a CSV of the memory every 0.5 s (seconds, the node's resident set, its process tree's PSS)."""
     build_started = time.perf_counter()
     build_sd15_folder(folder)
     print(f"SD 1.5 folder ready in {time.perf_counter() - build_started:.0f} s: {folder}", flush=True)
+    from sdswarm.data.demo import make_demo_dataset
     from sdswarm.swarm.settings import NodeSettings, save_settings
 
-    with tempfile.TemporaryDirectory(prefix="sdswarm-lora-mem-") as out:
+    label = " ".join(f"--set {k}={v}" for k, v in (sets or {}).items())
+    with tempfile.TemporaryDirectory(prefix="sdswarm-real-mem-") as out:
         # loopback, ports the system picks: other nodes on this machine may hold the default ones
         save_settings(NodeSettings(mode="relay", listen_host="127.0.0.1", ie_port_internal=0, dht_port_internal=0),
                       Path(out))
         sets = {"model": str(folder), "resolution": 256, "train.batch_size": 1, "train.max_steps": steps,
-                "swarm.target_batch_size": 2, "swarm.run_id": f"lora-mem-{os.getpid()}", "swarm.matchmaking_time": 2,
+                "swarm.target_batch_size": 2, "swarm.run_id": f"real-mem-{os.getpid()}", "swarm.matchmaking_time": 2,
+                # the how-to's danbooru bucket is on the internet: the demo's posts, as a folder, stand in for it
+                "data.source": str(make_demo_dataset(Path(out) / "posts")), "data.index": "null",
                 "data.loader_workers": 0, "output.sample_steps": 1, "output.sample_prompts": '["1girl, solo"]',
-                "output.log_every": 1, "output.checkpoint_every": 1000}
-        command = [sys.executable, "-m", "sdswarm", "mother", "configs/sd_1-5-lora.yaml", "--output", out,
+                "output.log_every": 1, "output.checkpoint_every": 1000, **(sets or {})}
+        command = [sys.executable, "-m", "sdswarm", "mother", config, "--output", out,
                    *[f"--set={k}={v}" for k, v in sets.items()]]
         log_path = Path(out) / "node.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        started, peak_hwm, peak_pss = time.perf_counter(), 0, 0
+        started, peak_hwm, peak_pss, samples = time.perf_counter(), 0, 0, []
         try:
             while process.poll() is None:
                 if time.perf_counter() - started > timeout:
                     raise TimeoutError(f"the node did not finish in {timeout:.0f} s")
+                rss = kb_field(Path(f"/proc/{process.pid}/status"), "VmRSS")
                 peak_hwm = max(peak_hwm, kb_field(Path(f"/proc/{process.pid}/status"), "VmHWM"))
-                peak_pss = max(peak_pss, sum(kb_field(Path(f"/proc/{p}/smaps_rollup"), "Pss")
-                                             for p in tree(process.pid)))
+                tree_pss = sum(kb_field(Path(f"/proc/{p}/smaps_rollup"), "Pss") for p in tree(process.pid))
+                peak_pss = max(peak_pss, tree_pss)
+                samples.append(f"{time.perf_counter() - started:.1f},{rss},{tree_pss}")
                 time.sleep(0.5)
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, 9)
+            if timeline is not None:
+                timeline.write_text("seconds,node_rss_bytes,tree_pss_bytes\n" + "\n".join(samples) + "\n")
         wall = time.perf_counter() - started
         text = log_path.read_text(errors="replace")
+        result = {"peak_hwm": peak_hwm, "peak_pss": peak_pss, "returncode": process.returncode, "wall": wall}
+        print(f"\n{config} {label}: SD 1.5 architecture, random weights, 256 px, batch 1, CPU")
+        for line in text.splitlines():
+            if "training: LoRA" in line or "training: full" in line or "hashed in" in line or "does not fit" in line:
+                print("  " + line.split(": ", 1)[-1])
+        print(f"  peak memory: the node {peak_hwm / 1e9:.2f} GB resident (VmHWM); its process tree "
+              f"{peak_pss / 1e9:.2f} GB (peak sum of PSS)")
         if process.returncode != 0:
-            print(text[-4000:])
-            raise SystemExit(f"the node failed with {process.returncode}")
-        metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            print("  the node FAILED with", process.returncode, "(-9: killed, e.g. out of memory); log tail:")
+            print("  " + "\n  ".join(text.splitlines()[-15:]))
+            return result
+        metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+                   if '"step"' in line]
         times = [b["time"] - a["time"] for a, b in zip(metrics, metrics[1:], strict=False)]
         checkpoints = sorted((Path(out) / "checkpoints").iterdir())
-        size = sum(f.stat().st_size for f in checkpoints[-1].iterdir())
-        swarm_steps = metrics[-1]["local_epoch"]
-        print("\nthe how-to's config in LoRA mode (configs/sd_1-5-lora.yaml), SD 1.5 architecture, random weights, "
-              "256 px, batch 1, CPU")
-        for line in text.splitlines():
-            if "training: LoRA" in line or "training: full" in line or "hashed in" in line:
-                print("  " + line.split(": ", 1)[-1])
+        size = sum(f.stat().st_size for f in checkpoints[-1].rglob("*") if f.is_file())
+        swarm_steps = max(m.get("local_epoch", 0) for m in metrics)
+        result.update(swarm_steps=swarm_steps, checkpoint=checkpoints[-1].name, checkpoint_bytes=size, times=times)
         print(f"  {len(metrics)} steps, {swarm_steps} swarm step(s), checkpoint {checkpoints[-1].name}: {mb(size)}")
-        print(f"  peak memory: the node {peak_hwm / 1e9:.2f} GB resident (VmHWM); its process tree "
-              f"{peak_pss / 1e9:.2f} GB (peak sum of PSS); goal <= 8 GB")
-        print(f"  time per step: {statistics.median(times):.1f} s median of steps 2..{len(metrics)} "
-              f"({', '.join(f'{t:.1f}' for t in times)}); whole run {wall:.0f} s")
+        if times:
+            print(f"  time per step: {statistics.median(times):.1f} s median of steps 2..{len(metrics)} "
+                  f"({', '.join(f'{t:.1f}' for t in times)}); whole run {wall:.0f} s")
+        return result
 
 
 def main() -> int:
@@ -229,7 +245,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     print(report_sizes(count_sizes(), args.wire_ratio), flush=True)
     if args.memory:
-        run_memory(args.memory.resolve(), args.steps, args.timeout)
+        result = run_memory(args.memory.resolve(), args.steps, args.timeout)
+        print(f"  goal: peak <= 8 GB ({'met' if max(result['peak_hwm'], result['peak_pss']) <= 8e9 else 'missed'})")
     return 0
 
 

@@ -24,16 +24,26 @@ def start_dht(initial_peers=()) -> hivemind.DHT:
     return hivemind.DHT(start=True, initial_peers=list(initial_peers), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
 
-def make_peer(dht: hivemind.DHT, run_id: str) -> tuple[list[torch.nn.Parameter], DiLoCoOptimizer]:
+def make_peer(dht: hivemind.DHT, run_id: str, in_place: bool = False) -> tuple[list[torch.nn.Parameter],
+                                                                               DiLoCoOptimizer]:
     torch.manual_seed(0)  # every peer starts from the same weights
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
     optimizer = DiLoCoOptimizer(
         dht=dht, run_id=run_id, params=params, inner_optimizer=lambda p: torch.optim.SGD(p, lr=INNER_LR),
         local_steps=H, batch_size_per_step=1, outer_lr=LR, outer_momentum=MOMENTUM, compression=NoCompression(),
         state_compression=state_compression(), matchmaking_time=2.0, averaging_timeout=30.0, allreduce_timeout=30.0,
-        load_state_timeout=30.0, verbose=False,
+        load_state_timeout=30.0, in_place=in_place, verbose=False,
     )
     return params, optimizer
+
+
+def set_gradients(params, grads) -> None:
+    """As autograd does after a zero_grad: a new .grad, or the values written into the one there (in place)."""
+    for param, grad in zip(params, grads, strict=True):
+        if param.grad is None:
+            param.grad = grad.clone()
+        else:
+            param.grad.copy_(grad)
 
 
 def local_phase(params, optimizer: DiLoCoOptimizer, grads: list[list[torch.Tensor]], deadline: float | None) -> None:
@@ -41,13 +51,11 @@ def local_phase(params, optimizer: DiLoCoOptimizer, grads: list[list[torch.Tenso
     deadline is given)."""
     epoch = optimizer.local_epoch
     for step_grads in grads:
-        for param, grad in zip(params, step_grads, strict=True):
-            param.grad = grad.clone()
+        set_gradients(params, step_grads)
         optimizer.step()
     while deadline is not None and optimizer.local_epoch == epoch:
         assert time.monotonic() < deadline, "no swarm step"
-        for param in params:
-            param.grad = torch.zeros_like(param)
+        set_gradients(params, [torch.zeros_like(p) for p in params])
         optimizer.step(batch_size=0)
         time.sleep(0.2)
 
@@ -64,7 +72,8 @@ def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_join
     dht_a = start_dht()
     dht_b = start_dht(dht_a.get_visible_maddrs())
     run_id = f"diloco{time.time_ns()}"
-    (params_a, opt_a), (params_b, opt_b) = make_peer(dht_a, run_id), make_peer(dht_b, run_id)
+    # a GPU peer's layout and a CPU peer's (pseudo-gradients in the model's .grad buffers) in one swarm
+    (params_a, opt_a), (params_b, opt_b) = make_peer(dht_a, run_id), make_peer(dht_b, run_id, in_place=True)
     optimizers = [opt_a, opt_b]
     joiner = None
     try:

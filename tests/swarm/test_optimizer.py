@@ -24,3 +24,71 @@ def test_a_codec_that_cannot_decode_stops_the_node_with_the_fix(monkeypatch):
     monkeypatch.setattr(serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"], "extract", broken)
     with pytest.raises(RuntimeError, match=r"swarm.compression 'uniform8bit' does not work.*numpy<2.4.*scaled_fp16"):
         check_compression("uniform8bit")
+
+
+def _alone(run_id: str, in_place: bool, sync: str = "every_step"):
+    import hivemind
+    import torch
+
+    from sdswarm.config import SwarmConfig
+    from sdswarm.swarm.optimizer import make_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(64, 48), (64,), (3000,)]]
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    swarm = SwarmConfig(run_id=run_id, sync=sync, target_batch_size=2, local_steps=2, matchmaking_time=1.0,
+                        averaging_timeout=10.0, allreduce_timeout=10.0)
+    optimizer = make_optimizer(dht=dht, params=params, swarm=swarm, batch_size_per_step=1, lr=0.01,
+                               betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, max_grad_norm=None,
+                               in_place=in_place, verbose=False)
+    return dht, params, optimizer
+
+
+def _storage_bytes(optimizer, params) -> int:
+    """Bytes of the distinct tensors a peer's optimizer holds for its parameters (weights, gradients, copies)."""
+    import torch
+
+    tensors = [*params, *(p.grad for p in params if p.grad is not None)]
+    tensors += optimizer.state_averager._averaged_tensors
+    tensors += [p for group in optimizer.opt.param_groups for p in group["params"]]
+    tensors += [p.grad for group in optimizer.opt.param_groups for p in group["params"] if p.grad is not None]
+    tensors += [t for state in optimizer.opt.state.values() for t in state.values()
+                if torch.is_tensor(t) and t.numel() > 1]
+    if optimizer.grad_averager is not None:
+        tensors += optimizer.grad_averager._averaged_tensors
+        tensors += optimizer.grad_averager._local_accumulators or ()
+    return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
+
+
+def test_a_cpu_peer_holds_one_copy_and_takes_the_same_swarm_steps_as_hiveminds_layout():
+    """On the CPU the optimizer keeps 16 bytes per parameter (weights, one .grad, AdamW's moments) instead of
+    hivemind's 28, and the weights after two swarm steps are the same as with hivemind's layout (a GPU peer's)."""
+    import torch
+
+    from sdswarm.swarm.optimizer import InPlaceOptimizer
+
+    results = {}
+    for in_place in (False, True):
+        dht, params, optimizer = _alone(f"inplace-{in_place}", in_place)
+        try:
+            assert isinstance(optimizer, InPlaceOptimizer) == in_place
+            count = sum(p.numel() for p in params)
+            results[in_place, "bytes"] = _storage_bytes(optimizer, params) / count
+            for swarm_step in range(2):  # the same gradient for each micro-batch of a swarm step: their mean
+                gradients = [torch.full_like(p, 0.5 - swarm_step) for p in params]
+                while optimizer.local_epoch == swarm_step:
+                    with torch.no_grad():
+                        for param, grad in zip(params, gradients, strict=True):  # as autograd accumulates
+                            if param.grad is None:
+                                param.grad = grad.clone()
+                            else:
+                                param.grad += grad
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            results[in_place, "weights"] = [p.detach().clone() for p in params]
+        finally:
+            optimizer.shutdown()
+            dht.shutdown()
+    assert results[True, "bytes"] == 16 and results[False, "bytes"] == 28
+    for lean, stock in zip(results[True, "weights"], results[False, "weights"], strict=True):
+        torch.testing.assert_close(lean, stock)

@@ -88,9 +88,15 @@ class DiLoCoOptimizer:
         load_state_timeout: float,
         download_bytes: int = 0,
         client_mode: bool = False,
+        in_place: bool = False,
         verbose: bool = True,
     ) -> None:
         self.params = list(params)
+        self.in_place = in_place
+        if in_place:  # a CPU-only peer: one .grad buffer per parameter for the whole run, pseudo-gradients included
+            for param in self.params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
         self.inner = inner_optimizer(self.params)
         self.local_steps, self.batch_size_per_step = local_steps, batch_size_per_step
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
@@ -110,6 +116,9 @@ class DiLoCoOptimizer:
             client_mode=client_mode, status_loglevel=loglevel, start=True,
         )
         self.global_params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
+        if in_place:  # the outer SGD's .grad, which rounds average
+            for global_, local in zip(self.global_params, self.params, strict=True):
+                global_.grad = local.grad
         self.pseudo_gradients = [p.grad for p in self.global_params]  # the outer SGD's .grad: what rounds average
         self.averager = DecentralizedAverager(
             averaged_tensors=self.pseudo_gradients, dht=dht, prefix=f"{run_id}_diloco_outer",
@@ -137,7 +146,7 @@ class DiLoCoOptimizer:
         return self.inner.param_groups  # torch's GradScaler unscales these
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
+        self.inner.zero_grad(set_to_none=set_to_none and not self.in_place)
 
     def step(self, closure=None, batch_size: int | None = None) -> None:
         """One local AdamW step; then the swarm step, when the swarm has trained enough."""
@@ -278,7 +287,8 @@ class DiLoCoOptimizer:
 
     @contextlib.contextmanager
     def _global_weights_swapped_in(self) -> Iterator[None]:
-        """The pseudo-gradient buffers are idle between rounds: they keep the local weights meanwhile."""
+        """The pseudo-gradient buffers are idle between rounds (in place: between a step and the next backward):
+        they keep the local weights meanwhile."""
         with torch.no_grad():
             for local, global_, keep in zip(self.params, self.global_params, self.pseudo_gradients, strict=True):
                 keep.copy_(local.detach())
@@ -289,6 +299,8 @@ class DiLoCoOptimizer:
             with torch.no_grad():
                 for local, keep in zip(self.params, self.pseudo_gradients, strict=True):
                     local.copy_(keep)
+                    if self.in_place:
+                        keep.zero_()  # the model's .grad again
 
     # --- checkpoints and shutdown ----------------------------------------------------------------------------
 

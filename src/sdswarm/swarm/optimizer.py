@@ -126,6 +126,79 @@ def clipped_adamw_8bit() -> type[torch.optim.Optimizer]:
     return type("ClippedAdamW8bit", (ClipGradNorm, bitsandbytes.optim.AdamW8bit), {})
 
 
+class InPlaceGradientAverager(GradientAverager):
+    """A CPU-only peer's gradient averager: the model's `.grad` buffers are the accumulators (backward adds each
+    micro-batch in place, hivemind's `reuse_grad_buffers`), the tensors the round averages, and what AdamW applies.
+    Stock hivemind holds three buffers per parameter for this (`.grad`, accumulator, averaged gradient)."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], **kwargs) -> None:
+        parameters = tuple(parameters)
+        kwargs.pop("reuse_grad_buffers", None)
+        super().__init__(parameters, reuse_grad_buffers=True, averaged_grads=tuple(p.grad for p in parameters),
+                         **kwargs)
+        self._averaged_input_ready = False
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self) -> None:
+        """The sum of the micro-batches becomes their mean, in place, once per swarm step (hivemind calls this again
+        when a round fails: the peer then applies its own mean gradient)."""
+        if not self._averaged_input_ready:
+            scale = 1.0 / self.local_times_accumulated if self.local_times_accumulated else 0.0
+            with self.get_tensors() as grads:
+                for grad in grads:
+                    grad.mul_(scale)
+            self._averaged_input_ready = True
+
+    def step(self, *args, reset_accumulators: bool = True, **kwargs):
+        # the buffers are the round's input and output: hivemind.Optimizer resets them after AdamW has applied them
+        return super().step(*args, reset_accumulators=False, **kwargs)
+
+    def reset_accumulated_grads_(self) -> None:
+        self._averaged_input_ready = False
+        super().reset_accumulated_grads_()
+
+
+class InPlaceOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer for a CPU-only peer (device and host memory are one): AdamW steps the model's weights
+    themselves, which are also what state averaging and a joiner's download read (no offloaded copy), and one
+    `.grad` buffer per parameter serves every gradient role (InPlaceGradientAverager). 16 bytes per trainable
+    parameter instead of 28. The trainer's zero_grad after a step keeps the accumulated micro-batches; a zero_grad
+    without a step (a dropped micro-batch) drops what this peer accumulated toward the swarm step."""
+
+    _took_batch = False
+
+    def step(self, *args, **kwargs):
+        self._took_batch = True
+        return super().step(*args, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not self._took_batch:  # its gradient is already summed into the buffers with the earlier micro-batches
+            log.warning("dropping the %d samples this peer accumulated toward swarm step %d",
+                        self.grad_averager.local_samples_accumulated, self.local_epoch + 1)
+            self.grad_averager.reset_accumulated_grads_()
+            self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
+        self._took_batch = False
+
+
+def on_host_only(params: Iterable[torch.nn.Parameter]) -> bool:
+    """Trains on the CPU: a second copy of a tensor "offloaded" to host memory would only double it."""
+    return all(p.device.type == "cpu" for p in params)
+
+
+@torch.no_grad()
+def _initialize_state_in_place(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's moments made by one step at lr 0 on the (zero) .grad buffers: the weights stay bit-identical and no
+    temporary gradient copy is made (hivemind's virtual step allocates one and decays the weights once)."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    if isinstance(optimizer, ClipGradNorm):
+        optimizer.last_grad_norm = None
+
+
 def make_optimizer(
     *,
     dht: hivemind.DHT,
@@ -138,9 +211,11 @@ def make_optimizer(
     weight_decay: float,
     max_grad_norm: float | None,
     optimizer_8bit: bool = False,
+    in_place: bool | None = None,
     verbose: bool = True,
 ) -> SwarmOptimizer:
-    """Only trainable tensors may be given: hivemind would average frozen ones too.
+    """Only trainable tensors may be given: hivemind would average frozen ones too. `in_place`: one copy of each
+    tensor (InPlaceOptimizer; DiLoCo's pseudo-gradients in `.grad`); None: when training on the CPU.
 
     The lr is the config's, the same on every peer: hivemind already averages the gradient over
     the samples of all peers, so no peer scales it by its own batch size.
@@ -150,11 +225,21 @@ def make_optimizer(
     check_compression(codec)
     compression = COMPRESSIONS[codec]()
     inner_class = clipped_adamw_8bit() if optimizer_8bit else ClippedAdamW  # fails here, before any heavy work
+    # a CPU-only peer keeps one gradient buffer per parameter for the whole run, made here (zeros) and shared with
+    # hivemind's averager processes; a GPU peer keeps hivemind's layout (its optimizer in host memory)
+    if in_place is None:
+        in_place = on_host_only(params) and not optimizer_8bit
+    if in_place:
+        for param in params:
+            param.grad = torch.zeros_like(param)
 
     def inner_optimizer(parameters):
-        return inner_class(
+        optimizer = inner_class(
             parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm
         )
+        if in_place and swarm.sync == "every_step":
+            _initialize_state_in_place(optimizer)
+        return optimizer
 
     costs = NetworkCosts.of(params, swarm, codec, compression, state_compression())
     costs.log(swarm)
@@ -166,9 +251,9 @@ def make_optimizer(
             compression=compression, state_compression=state_compression(),
             matchmaking_time=swarm.matchmaking_time, averaging_timeout=swarm.averaging_timeout,
             allreduce_timeout=swarm.allreduce_timeout, load_state_timeout=costs.load_state_timeout(swarm),
-            download_bytes=costs.download_bytes, client_mode=dht.client_mode, verbose=verbose,
+            download_bytes=costs.download_bytes, client_mode=dht.client_mode, in_place=in_place, verbose=verbose,
         )
-    optimizer = hivemind.Optimizer(
+    optimizer = (InPlaceOptimizer if in_place else hivemind.Optimizer)(
         dht=dht,
         run_id=swarm.run_id,
         params=params,
@@ -182,15 +267,19 @@ def make_optimizer(
         load_state_timeout=costs.load_state_timeout(swarm),
         average_state_every=swarm.average_state_every,
         # every averager forms its groups with the same request_timeout, below matchmaking_time (config.py checks)
-        averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout),
-        grad_averager_factory=partial(GradientAverager, request_timeout=swarm.matchmaking_request_timeout),
+        # in place: the state averager averages and serves the model's weights themselves (no host copy)
+        averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout, **({"reuse_tensors": True}
+                                                                                if in_place else {})),
+        grad_averager_factory=partial(InPlaceGradientAverager if in_place else GradientAverager,
+                                      request_timeout=swarm.matchmaking_request_timeout),
         grad_compression=compression,
         state_averaging_compression=compression,
         load_state_compression=state_compression(),
         # hivemind.Optimizer drops a given client_mode in favour of None; pass the DHT's own explicitly
         client_mode=dht.client_mode,
-        # hivemind keeps the optimizer in host memory by default; bitsandbytes' 8-bit kernels want it on the GPU
-        offload_optimizer=False if optimizer_8bit else None,
+        # hivemind keeps the optimizer in host memory by default; bitsandbytes' 8-bit kernels want it on the GPU,
+        # and on a CPU-only peer host memory is where the weights already are
+        offload_optimizer=False if optimizer_8bit or in_place else None,
         verbose=verbose,
     )
     _undo_virtual_step(optimizer)

@@ -13,7 +13,8 @@ The folder loads in the tools users have: the text encoder's keys carry the `tex
 writes them without it, which transformers 4 cannot read), the tokenizer has vocab.json + merges.txt beside
 tokenizer.json (transformers 4's CLIPTokenizer reads those).
 
-Training is blocked only while the trained weights and the training state are copied to CPU memory; a writer
+Training is blocked only while the trained weights and the training state are copied to CPU memory (or, when
+that copy would not fit in free memory, as with SD 1.5 trained on the CPU, while they are written); a writer
 thread writes the copy (one write in flight: the next checkpoint waits for it). Parts that never change in a run
 (the VAE, tokenizer, scheduler, and the text encoder when it is not trained) are written once per process and
 hard-linked into later checkpoints, so each folder still loads on its own and deleting one never breaks another.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
@@ -108,16 +110,19 @@ class Checkpoints:
         self.wait()  # one write in flight: never two copies of the state in memory, never two writers
         if lora_base is not None:
             return self._write_adapters(step, components, training_state, lora_base)
-        snapshot = _Snapshot(
-            step=step,
-            components=components,
-            unet=cpu_copy(components.unet.state_dict()),
-            text_encoder=cpu_copy(components.text_encoder.state_dict()) if self.train_text_encoder else None,
-            training_state=cpu_copy(training_state),
-        )
+        parts = (components.unet.state_dict(),
+                 components.text_encoder.state_dict() if self.train_text_encoder else None, training_state)
+        size, available = tensor_bytes(parts), psutil.virtual_memory().available
+        copy = size <= available / 2
+        if not copy:  # e.g. SD 1.5 trained on the CPU: a copy would double what is already in host memory
+            log.info("checkpoint step %d: a %.1f GB copy does not fit in the %.1f GB of free memory: written from the "
+                     "live weights while training waits", step, size / 1e9, available / 1e9)
+        unet, text_encoder, state = (cpu_copy(part) if copy else part for part in parts)
+        snapshot = _Snapshot(step=step, components=components, unet=unet, text_encoder=text_encoder,
+                             training_state=state)
         self._in_flight = self._writer.submit(self._write, snapshot)
         final = self.root / f"step_{step:08d}"
-        if wait:
+        if wait or not copy:
             self.wait()
         return final
 
@@ -196,6 +201,17 @@ class Checkpoints:
         for old in self.all()[: -self.keep]:
             log.info("pruning old checkpoint %s (keep_checkpoints=%d)", old, self.keep)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in nested dicts/lists/tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def cpu_copy(value: Any) -> Any:
