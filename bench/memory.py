@@ -186,7 +186,7 @@ def run_real(folder: Path, timeline_dir: Path) -> None:
     unet = 859_520_964
     for sync in ("every_step", "local_steps"):
         timeline = timeline_dir / f"sdswarm-memory-{sync}.csv"
-        result = run_memory(folder, steps=3, timeout=2400, config="configs/sd_1-5.yaml", timeline=timeline,
+        result = run_memory(folder, steps=2, timeout=2400, config="configs/sd_1-5.yaml", timeline=timeline,
                             sets={"train_text_encoder": False, "swarm.sync": sync, "swarm.local_steps": 2})
         peak = max(result["peak_hwm"], result["peak_pss"])
         reached = result.get("swarm_steps", 0) >= 1 and "checkpoint" in result

@@ -340,6 +340,7 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
         lr=config.lr, betas=(config.opt_betas_one, config.opt_betas_two), eps=config.opt_epsilon,
         weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
         optimizer_8bit=config.train.optimizer_8bit,
+        mapped_state_dir=Path(config.output.dir) / "swarm_state",  # DiLoCo on the CPU: the global weights' files
     )
     cleanup.callback(optimizer.shutdown)
     trainer = Trainer(

@@ -24,15 +24,15 @@ def start_dht(initial_peers=()) -> hivemind.DHT:
     return hivemind.DHT(start=True, initial_peers=list(initial_peers), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 
 
-def make_peer(dht: hivemind.DHT, run_id: str, in_place: bool = False) -> tuple[list[torch.nn.Parameter],
-                                                                               DiLoCoOptimizer]:
+def make_peer(dht: hivemind.DHT, run_id: str, in_place: bool = False, mapped_state_dir=None) -> tuple[
+        list[torch.nn.Parameter], DiLoCoOptimizer]:
     torch.manual_seed(0)  # every peer starts from the same weights
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
     optimizer = DiLoCoOptimizer(
         dht=dht, run_id=run_id, params=params, inner_optimizer=lambda p: torch.optim.SGD(p, lr=INNER_LR),
         local_steps=H, batch_size_per_step=1, outer_lr=LR, outer_momentum=MOMENTUM, compression=NoCompression(),
         state_compression=state_compression(), matchmaking_time=2.0, averaging_timeout=30.0, allreduce_timeout=30.0,
-        load_state_timeout=30.0, in_place=in_place, verbose=False,
+        load_state_timeout=30.0, in_place=in_place, mapped_state_dir=mapped_state_dir, verbose=False,
     )
     return params, optimizer
 
@@ -68,12 +68,14 @@ def see_each_other(optimizers: list[DiLoCoOptimizer], timeout: float = 60) -> No
         time.sleep(0.2)
 
 
-def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_joiner_downloads_it():
+def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_joiner_downloads_it(tmp_path):
     dht_a = start_dht()
     dht_b = start_dht(dht_a.get_visible_maddrs())
     run_id = f"diloco{time.time_ns()}"
-    # a GPU peer's layout and a CPU peer's (pseudo-gradients in the model's .grad buffers) in one swarm
-    (params_a, opt_a), (params_b, opt_b) = make_peer(dht_a, run_id), make_peer(dht_b, run_id, in_place=True)
+    # a GPU peer's layout and a CPU peer's (pseudo-gradients in the model's .grad buffers, the global weights and
+    # outer momentum in file mappings) in one swarm
+    (params_a, opt_a), (params_b, opt_b) = make_peer(dht_a, run_id), make_peer(dht_b, run_id, in_place=True,
+                                                                                mapped_state_dir=tmp_path)
     optimizers = [opt_a, opt_b]
     joiner = None
     try:

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import hivemind
@@ -54,15 +57,46 @@ class OuterStep:
     seconds: float  # from reaching the target to training on
 
 
-def outer_sgd(params, *, lr: float, momentum: float) -> torch.optim.SGD:
+def outer_sgd(params, *, lr: float, momentum: float, folder: Path | None = None) -> torch.optim.SGD:
     """The outer optimizer, with its momentum buffers made up front: zeros give the same first step as none
-    (buffer = gradient), and a downloadable state of fixed size from the start."""
+    (buffer = gradient), and a downloadable state of fixed size from the start. `folder`: mapped from files there."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if momentum > 0:
         for group in optimizer.param_groups:
             for param in group["params"]:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+                zeros = torch.zeros_like(param) if folder is None else mapped_copy(folder, torch.zeros(()), param.shape)
+                optimizer.state[param]["momentum_buffer"] = zeros
     return optimizer
+
+
+def mapped_copy(folder: Path, tensor: torch.Tensor, shape: torch.Size | None = None) -> torch.Tensor:
+    """A float32 copy of `tensor` (broadcast to `shape`) in a shared file mapping in `folder`: the kernel may write
+    its pages to disk and drop them under memory pressure (shared with hivemind's forked averagers like shared
+    memory). The file is unlinked at once: the mapping keeps it until the process ends."""
+    shape = tensor.shape if shape is None else shape
+    fd, path = tempfile.mkstemp(dir=folder, prefix=".diloco-", suffix=".f32")
+    os.close(fd)
+    try:
+        mapped = torch.from_file(path, shared=True, size=max(shape.numel(), 1), dtype=torch.float32)
+    finally:
+        os.unlink(path)
+    mapped = mapped[: shape.numel()].view(shape)
+    with torch.no_grad():
+        mapped.copy_(tensor.detach().expand(shape))
+    return mapped
+
+
+class MappedStateAverager(TrainingStateAverager):
+    """TrainingStateAverager whose host copy (the global weights) lives in file mappings in `folder`."""
+
+    def __init__(self, *, folder: Path, **kwargs) -> None:
+        self.folder = folder
+        super().__init__(**kwargs)
+
+    def _make_host_tensor(self, source_tensor: torch.Tensor, force_copy: bool = False) -> torch.Tensor:
+        if not force_copy:
+            return super()._make_host_tensor(source_tensor, force_copy)
+        return mapped_copy(self.folder, source_tensor).requires_grad_(source_tensor.requires_grad)
 
 
 class DiLoCoOptimizer:
@@ -89,6 +123,7 @@ class DiLoCoOptimizer:
         download_bytes: int = 0,
         client_mode: bool = False,
         in_place: bool = False,
+        mapped_state_dir: Path | None = None,
         verbose: bool = True,
     ) -> None:
         self.params = list(params)
@@ -107,10 +142,16 @@ class DiLoCoOptimizer:
         self.tracker = ProgressTracker(dht=dht, prefix=run_id, target_batch_size=local_steps * batch_size_per_step,
                                        client_mode=client_mode, status_loglevel=loglevel, private_key=RSAPrivateKey(),
                                        start=True)
-        # the global weights (host copy, fp32) with the outer SGD on them; serves and loads the joiner's download
-        self.state_averager = TrainingStateAverager(
-            dht=dht, prefix=f"{run_id}_diloco_state", params=self.params,
-            optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum),
+        # the global weights (host copy, fp32) with the outer SGD on them; serves and loads the joiner's download.
+        # mapped_state_dir: they and the outer momentum in file mappings there (touched once per swarm step, so a
+        # CPU-only peer's memory holds what it trains with: local weights, .grad, AdamW's moments)
+        if mapped_state_dir is not None:
+            Path(mapped_state_dir).mkdir(parents=True, exist_ok=True)
+        averager_class, mapped = ((TrainingStateAverager, {}) if mapped_state_dir is None
+                                  else (MappedStateAverager, {"folder": Path(mapped_state_dir)}))
+        self.state_averager = averager_class(
+            dht=dht, prefix=f"{run_id}_diloco_state", params=self.params, **mapped,
+            optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum, folder=mapped_state_dir),
             offload_optimizer=True, custom_gradients=True, state_compression=state_compression,
             min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout, next_chunk_timeout=None,
             client_mode=client_mode, status_loglevel=loglevel, start=True,

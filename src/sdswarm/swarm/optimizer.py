@@ -8,6 +8,7 @@ import logging
 import warnings
 from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 
 import hivemind
 import numpy as np
@@ -212,10 +213,12 @@ def make_optimizer(
     max_grad_norm: float | None,
     optimizer_8bit: bool = False,
     in_place: bool | None = None,
+    mapped_state_dir: Path | None = None,
     verbose: bool = True,
 ) -> SwarmOptimizer:
     """Only trainable tensors may be given: hivemind would average frozen ones too. `in_place`: one copy of each
     tensor (InPlaceOptimizer; DiLoCo's pseudo-gradients in `.grad`); None: when training on the CPU.
+    `mapped_state_dir`: in place, DiLoCo's global weights and outer momentum in file mappings there.
 
     The lr is the config's, the same on every peer: hivemind already averages the gradient over
     the samples of all peers, so no peer scales it by its own batch size.
@@ -251,7 +254,8 @@ def make_optimizer(
             compression=compression, state_compression=state_compression(),
             matchmaking_time=swarm.matchmaking_time, averaging_timeout=swarm.averaging_timeout,
             allreduce_timeout=swarm.allreduce_timeout, load_state_timeout=costs.load_state_timeout(swarm),
-            download_bytes=costs.download_bytes, client_mode=dht.client_mode, in_place=in_place, verbose=verbose,
+            download_bytes=costs.download_bytes, client_mode=dht.client_mode, in_place=in_place,
+            mapped_state_dir=mapped_state_dir if in_place else None, verbose=verbose,
         )
     optimizer = (InPlaceOptimizer if in_place else hivemind.Optimizer)(
         dht=dht,
