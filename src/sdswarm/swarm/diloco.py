@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +41,8 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from sdswarm.swarm.host_memory import mapped_copy, share_before_fork
+
 log = logging.getLogger(__name__)
 
 
@@ -57,46 +57,39 @@ class OuterStep:
     seconds: float  # from reaching the target to training on
 
 
-def outer_sgd(params, *, lr: float, momentum: float, folder: Path | None = None) -> torch.optim.SGD:
+def outer_sgd(params, *, lr: float, momentum: float, shared: bool = False, folder: Path | None = None
+              ) -> torch.optim.SGD:
     """The outer optimizer, with its momentum buffers made up front: zeros give the same first step as none
-    (buffer = gradient), and a downloadable state of fixed size from the start. `folder`: mapped from files there."""
+    (buffer = gradient), and a downloadable state of fixed size from the start. `shared`: in shared memory, or with
+    `folder` in file mappings there (host_memory.py)."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if momentum > 0:
         for group in optimizer.param_groups:
             for param in group["params"]:
-                zeros = torch.zeros_like(param) if folder is None else mapped_copy(folder, torch.zeros(()), param.shape)
+                if folder is not None:
+                    zeros = mapped_copy(folder, torch.zeros(()), param.shape)
+                else:
+                    zeros = torch.zeros_like(param).share_memory_() if shared else torch.zeros_like(param)
                 optimizer.state[param]["momentum_buffer"] = zeros
     return optimizer
 
 
-def mapped_copy(folder: Path, tensor: torch.Tensor, shape: torch.Size | None = None) -> torch.Tensor:
-    """A float32 copy of `tensor` (broadcast to `shape`) in a shared file mapping in `folder`: the kernel may write
-    its pages to disk and drop them under memory pressure (shared with hivemind's forked averagers like shared
-    memory). The file is unlinked at once: the mapping keeps it until the process ends."""
-    shape = tensor.shape if shape is None else shape
-    fd, path = tempfile.mkstemp(dir=folder, prefix=".diloco-", suffix=".f32")
-    os.close(fd)
-    try:
-        mapped = torch.from_file(path, shared=True, size=max(shape.numel(), 1), dtype=torch.float32)
-    finally:
-        os.unlink(path)
-    mapped = mapped[: shape.numel()].view(shape)
-    with torch.no_grad():
-        mapped.copy_(tensor.detach().expand(shape))
-    return mapped
+class InPlaceStateAverager(TrainingStateAverager):
+    """TrainingStateAverager for a CPU-only peer: the global weights' `.grad` is the model's `.grad` (the pseudo-
+    gradient's buffer) from the start, and with `folder` the global weights live in file mappings there."""
 
-
-class MappedStateAverager(TrainingStateAverager):
-    """TrainingStateAverager whose host copy (the global weights) lives in file mappings in `folder`."""
-
-    def __init__(self, *, folder: Path, **kwargs) -> None:
+    def __init__(self, *, folder: Path | None, **kwargs) -> None:
         self.folder = folder
         super().__init__(**kwargs)
 
     def _make_host_tensor(self, source_tensor: torch.Tensor, force_copy: bool = False) -> torch.Tensor:
-        if not force_copy:
-            return super()._make_host_tensor(source_tensor, force_copy)
-        return mapped_copy(self.folder, source_tensor).requires_grad_(source_tensor.requires_grad)
+        if not force_copy or self.folder is None:
+            host = super()._make_host_tensor(source_tensor, force_copy)
+        else:
+            host = mapped_copy(self.folder, source_tensor).requires_grad_(source_tensor.requires_grad)
+        if force_copy:  # before hivemind would make a zero .grad for it (a private copy its forked child keeps)
+            host.grad = source_tensor.grad
+        return host
 
 
 class DiLoCoOptimizer:
@@ -129,9 +122,7 @@ class DiLoCoOptimizer:
         self.params = list(params)
         self.in_place = in_place
         if in_place:  # a CPU-only peer: one .grad buffer per parameter for the whole run, pseudo-gradients included
-            for param in self.params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
+            share_before_fork(self.params)
         self.inner = inner_optimizer(self.params)
         self.local_steps, self.batch_size_per_step = local_steps, batch_size_per_step
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
@@ -147,19 +138,17 @@ class DiLoCoOptimizer:
         # CPU-only peer's memory holds what it trains with: local weights, .grad, AdamW's moments)
         if mapped_state_dir is not None:
             Path(mapped_state_dir).mkdir(parents=True, exist_ok=True)
-        averager_class, mapped = ((TrainingStateAverager, {}) if mapped_state_dir is None
-                                  else (MappedStateAverager, {"folder": Path(mapped_state_dir)}))
+        averager_class, layout = ((InPlaceStateAverager, {"folder": mapped_state_dir}) if in_place
+                                  else (TrainingStateAverager, {}))
         self.state_averager = averager_class(
-            dht=dht, prefix=f"{run_id}_diloco_state", params=self.params, **mapped,
-            optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum, folder=mapped_state_dir),
+            dht=dht, prefix=f"{run_id}_diloco_state", params=self.params, **layout,
+            optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum, shared=in_place,
+                                          folder=mapped_state_dir if in_place else None),
             offload_optimizer=True, custom_gradients=True, state_compression=state_compression,
             min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout, next_chunk_timeout=None,
             client_mode=client_mode, status_loglevel=loglevel, start=True,
         )
         self.global_params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
-        if in_place:  # the outer SGD's .grad, which rounds average
-            for global_, local in zip(self.global_params, self.params, strict=True):
-                global_.grad = local.grad
         self.pseudo_gradients = [p.grad for p in self.global_params]  # the outer SGD's .grad: what rounds average
         self.averager = DecentralizedAverager(
             averaged_tensors=self.pseudo_gradients, dht=dht, prefix=f"{run_id}_diloco_outer",

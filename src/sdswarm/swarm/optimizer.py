@@ -30,6 +30,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from sdswarm.config import SwarmConfig
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
+from sdswarm.swarm.host_memory import share_before_fork
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,9 @@ def on_host_only(params: Iterable[torch.nn.Parameter]) -> bool:
 
 @torch.no_grad()
 def _initialize_state_in_place(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW's moments made by one step at lr 0 on the (zero) .grad buffers: the weights stay bit-identical and no
-    temporary gradient copy is made (hivemind's virtual step allocates one and decays the weights once)."""
+    """AdamW's moments made by one step at lr 0 on the (zero) .grad buffers, in shared memory (share_before_fork):
+    the weights stay bit-identical and no temporary gradient copy is made (hivemind's virtual step allocates one and
+    decays the weights once)."""
     lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0
@@ -198,6 +200,10 @@ def _initialize_state_in_place(optimizer: torch.optim.Optimizer) -> None:
         group["lr"] = lr
     if isinstance(optimizer, ClipGradNorm):
         optimizer.last_grad_norm = None
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.share_memory_()
 
 
 def make_optimizer(
@@ -233,8 +239,7 @@ def make_optimizer(
     if in_place is None:
         in_place = on_host_only(params) and not optimizer_8bit
     if in_place:
-        for param in params:
-            param.grad = torch.zeros_like(param)
+        share_before_fork(params)
 
     def inner_optimizer(parameters):
         optimizer = inner_class(
