@@ -73,6 +73,17 @@ def test_status_is_bounded_marks_departed_peers_and_prints_no_escapes():
     assert "g2 p!" in text
 
 
+def test_status_names_the_peers_whose_parts_were_refused():
+    rounds = [{"kind": "gradients", "outcome": "complete", "group_size": 3, "refused": {"QmRogue": 12}},
+              {"kind": "gradients", "outcome": "complete", "group_size": 3, "refused": {"QmRogue": 4}}]
+    peer = {"peer_id": "QmPeer1", "role": "relay", "step": 10, "local_epoch": 3, "samples_per_second": 4.0,
+            "rounds": rounds}
+    text = "\n".join(status_lines({"run_id": "r", "epoch": 3, "samples_toward_target": 0, "target_batch_size": 16,
+                                   "samples_per_second": 4.0, "peers": [peer, {**peer, "peer_id": "QmPeer2"}]}))
+    assert "g3x g3x" in text
+    assert text.splitlines()[-1].endswith("by sender: QmRogue 32")
+
+
 @pytest.fixture
 def lone_optimizer():
     dht = hivemind.DHT(start=True)
