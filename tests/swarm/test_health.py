@@ -14,6 +14,7 @@ from sdswarm.config import SwarmConfig
 from sdswarm.swarm.health import FingerprintEntry, RoundLog, SwarmHealth, WeightFingerprint, round_bytes, spread
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer, withdraw_progress
+from sdswarm.swarm.validation import Refusal
 
 
 def test_a_round_is_one_log_line_and_one_metrics_record(tmp_path, caplog):
@@ -24,8 +25,13 @@ def test_a_round_is_one_log_line_and_one_metrics_record(tmp_path, caplog):
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["round"] == {"kind": "gradients", "swarm_step": 7, "group_size": 2, "swarm_peers": 3,
                                "outcome": "partial", "bytes_sent": 2_000_000, "bytes_received": 2_000_000,
-                               "duration": 1.25}
+                               "duration": 1.25, "refused": {}}
     assert rounds.counts["gradients partial"] == 1 and rounds.snapshot()[0]["outcome"] == "partial"
+    # a round where another peer's parts were refused (swarm/validation.py) names it, in the log and the record
+    rounds.record("gradients", swarm_step=8, group_size=3, swarm_peers=3, outcome="complete", duration=1.0,
+                  refusals=[Refusal("QmRogue", "sender", 5, 2, "5 refused: non-finite values; 2 clipped: norm")])
+    assert "7 parts refused or clipped from peer QmRogue" in caplog.text
+    assert rounds.snapshot()[-1]["refused"] == {"QmRogue": 7} and rounds.refused["QmRogue"] == 7
 
 
 def test_round_bytes_follow_the_butterfly_all_reduce():
