@@ -6,12 +6,14 @@ hivemind 1.1.12 averages with a butterfly all-reduce: each peer of a group *redu
 between that mean and the sender's part. A single peer can therefore spoil a round twice: as a sender (a NaN or
 1e6x part enters a plain mean) and as a reducer (it returns whatever it likes for its share). Both are checked here:
 
-- as a reducer, `CheckedPartReducer` refuses non-finite parts and non-finite or negative weights, and clips a
-  part whose norm is above `CLIP_RATIO` times the group's scale down to that bound (its sender still counts, with a
-  bounded pull: BTARD's CenteredClip without its iterations, see `robust_mean`); weights are capped likewise;
+- as a reducer, `CheckedPartReducer` refuses non-finite parts and non-finite or negative weights, and clips an
+  update's part (gradients, pseudo-gradients) whose norm is above `CLIP_RATIO` times the group's scale down to that
+  bound (its sender still counts, with a bounded pull: BTARD's CenteredClip without its iterations, see
+  `robust_mean`); weights are capped likewise; in parameter rounds, a part farther than `PARAMETER_RADIUS` of its
+  norm from this peer's own is refused;
 - as a receiver, `CheckedAllReduceRunner` refuses a returned share that is non-finite or moves this peer's part by
-  more than `RETURN_RATIO` times its scale: this peer keeps its own part for that share, as hivemind does when a
-  reducer fails.
+  more than `RETURN_RATIO` times its scale (`PARAMETER_RADIUS` in parameter rounds): this peer keeps its own part
+  for that share, as hivemind does when a reducer fails.
 
 Every refusal names the sender's peer id: a warning in the log (one line per peer and round) and a record the
 parent process drains (`CheckedAveraging.take_refusals`) into the round records of swarm/health.py.
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 CLIP_RATIO = 4.0  # a part may be this many times the group's scale (honest gradient parts differ by ~2x at most)
 WEIGHT_RATIO = 8.0  # a sender's weight (its samples) may be this many times the group's (batch sizes differ)
 RETURN_RATIO = 2 * CLIP_RATIO + 1  # an honest reducer's mean of clipped parts moves ours by at most about this
+# weights (parameter rounds) of peers in one swarm differ by a few steps' movement: a part farther than this
+# fraction of its norm from the reducer's own is refused (clipping would let a steady liar drag them round by round)
+PARAMETER_RADIUS = 0.2
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def lower_median(values: Sequence[float]) -> float:
 
 
 def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own: int | None,
-                ) -> tuple[torch.Tensor | None, list[str | None]]:
+                parameters: bool = False) -> tuple[torch.Tensor | None, list[str | None]]:
     """The weighted mean of finite parts after clipping, and for each part what was done to it (None, "refused:
     why" or "clipped: why").
 
@@ -75,8 +80,10 @@ def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own:
     is the smaller, so a sender that sends zeros cannot make this peer clip its own honest part. A part longer
     than CLIP_RATIO x scale is scaled down to it (kept, with a bounded pull on the mean) rather than dropped:
     honest parts are noisy, and a hard cut would drop the unlucky ones. Clipping is around zero, not around an
-    iterated centre as in CenteredClip: with 2-3 senders there is no centre to estimate that the outlier does not
-    move; the bound is what matters. Weights are capped the same way (WEIGHT_RATIO x the lower median)."""
+    iterated centre as in CenteredClip: with 2 senders CenteredClip converges to their midpoint, and with 3 its centre
+    is what the outlier moves; the bound is what matters. Weights are capped the same way (WEIGHT_RATIO x the lower
+    median). `parameters` (weights, not updates): a part farther than PARAMETER_RADIUS x its norm from this peer's
+    own is refused; the others are averaged as they are."""
     actions: list[str | None] = [None] * len(parts)
     usable = []
     for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
@@ -94,6 +101,13 @@ def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own:
     max_weight = WEIGHT_RATIO * lower_median([weights[i] for i in counted])
     if own is not None and own in norms:
         scale, max_weight = max(scale, norms[own]), max(max_weight, WEIGHT_RATIO * weights[own])
+    if parameters and own is not None and own in norms:
+        for i in list(counted):
+            distance = norm_of(parts[i].float() - parts[own].float()) / max(norms[own], 1e-30)
+            if distance > PARAMETER_RADIUS:
+                actions[i] = f"refused: weights {distance:.3g}x their norm away from this peer's"
+                counted.remove(i)
+        scale = math.inf  # no clipping of weights
     total = torch.zeros_like(parts[counted[0]], dtype=torch.float32)
     denominator = 0.0
     for i in counted:
@@ -112,8 +126,9 @@ def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own:
 class CheckedPartReducer(TensorPartReducer):
     """hivemind's reducer, holding every sender's part until all are in and averaging them with `robust_mean`."""
 
-    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_sender: int | None) -> None:
-        self.own_sender = own_sender
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_sender: int | None,
+                 parameters: bool = False) -> None:
+        self.own_sender, self.parameters = own_sender, parameters
         self.actions: list[Counter[str]] = [Counter() for _ in range(num_senders)]  # per sender: action -> parts
         super().__init__(part_shapes, num_senders)
 
@@ -149,7 +164,7 @@ class CheckedPartReducer(TensorPartReducer):
         senders = sorted(self.received)
         own = senders.index(self.own_sender) if self.own_sender in self.received else None
         mean, actions = robust_mean([self.received[s][0] for s in senders], [self.received[s][1] for s in senders],
-                                    own=own)
+                                    own=own, parameters=self.parameters)
         for sender, action in zip(senders, actions, strict=True):
             if action is not None:
                 self.actions[sender][action] += 1
@@ -170,8 +185,9 @@ class CheckedAllReduceRunner(AllReduceRunner):
         # hivemind makes a plain reducer inline; it has received nothing, so it is finished quietly and replaced
         self.tensor_part_reducer.finished.set()
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        parameters = kind == "parameters"
         self.tensor_part_reducer = CheckedPartReducer(tuple(part.shape for part in self.parts_for_local_averaging),
-                                                      len(self.sender_peer_ids), own_sender=own)
+                                                      len(self.sender_peer_ids), own_sender=own, parameters=parameters)
         self.report, self.kind = report, kind
         self.returned: Counter[tuple[int, str]] = Counter()  # (reducer index, reason) -> shares refused
         container = self.tensor_part_container
@@ -184,9 +200,10 @@ class CheckedAllReduceRunner(AllReduceRunner):
             if self.ordered_peer_ids[peer_index] != self.peer_id:
                 mine = inputs[peer_index][part_index][0]
                 scale = max(norm_of(mine), rms * math.sqrt(mine.numel()))
+                bound = PARAMETER_RADIUS if parameters else RETURN_RATIO
                 reason = ("non-finite" if not bool(torch.isfinite(delta).all()) else
                           f"moves this peer's part {norm_of(delta) / max(scale, 1e-30):.3g}x its norm"
-                          if norm_of(delta) > RETURN_RATIO * scale else None)
+                          if norm_of(delta) > bound * scale else None)
                 if reason is not None:
                     self.returned[peer_index, reason.split(" ")[0]] += 1
                     delta = torch.zeros_like(mine)  # keep this peer's own part for that share
