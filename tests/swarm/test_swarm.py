@@ -187,6 +187,9 @@ def test_diloco_three_peers_share_each_outer_step_and_hold_one_model(peers):
         assert "the swarm reached swarm step 4 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
         averaged = re.findall(r"swarm step \d+: averaged \(group of (\d)", peer.log())
         assert len(averaged) >= 3 and "3" in averaged, f"{peer.name}: {averaged}"
+        # each outer step is an averaging round on record, as gradient rounds are
+        assert any(r["kind"] == "outer" and r["outcome"] == "complete" and r["group_size"] == 3
+                   and r["bytes_sent"] > 0 for r in peer.rounds()), peer.rounds()
         start, end = peer.eval_losses()
         assert end < 0.9 * start, f"{peer.name}: eval loss {start} -> {end}"
     # checkpoints hold the global weights: the same on every peer, up to the 8-bit rounding of the averaged deltas
