@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from sdswarm.swarm.exchange import fetch_swarm_view
 from tests.swarm.peers import Peer
 
 pytestmark = pytest.mark.swarm
@@ -166,9 +167,18 @@ def test_a_restarted_mother_rejoins_its_swarm(peers):
         last, before = shared[-1], shared[-2]
         return math.dist(ours[last], theirs[last]) < 0.5 * math.dist(ours[last], ours[before])
     mother.wait_until(one_model, "one model: the same fingerprint after the restart", timeout=300)
+    # and one swarm to see: each relay's view (the dashboard's, `sdswarm status`'s) lists both peers, live
+    for relay in (mother, joiner):
+        relay.wait_until(lambda r=relay: live_peers(r) == {mother.peer_id(), joiner.peer_id()},
+                         "both peers in the swarm view", timeout=60)
     for peer in (mother, joiner):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
+
+
+def live_peers(relay: Peer) -> set[str]:
+    view = fetch_swarm_view(relay.address)
+    return {p["peer_id"] for p in view["peers"] if not p["gone"]}
 
 
 DILOCO = {"swarm.sync": "local_steps", "swarm.local_steps": 4}
