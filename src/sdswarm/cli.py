@@ -257,7 +257,7 @@ def status_lines(view: dict) -> list[str]:
                          + (" - peers have drifted apart" if float(spread) > 1 else "")),
         *([f"training: {_text(describe_training(view['training']), 200)}"] if view.get("training") else []),
         f"{'peer':<16} {'role':<7} {'state':<8} {'address':<22} {'step':>7} {'sw.step':>7} {'loss':>8} "
-        f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters)",
+        f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters, o: outer)",
     ]
     for peer in peers:
         loss, norm = peer.get("loss"), peer.get("grad_norm")

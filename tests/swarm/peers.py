@@ -91,6 +91,11 @@ class Peer:
         metrics = self.metrics()
         return metrics[-1]["local_epoch"] if metrics else 0
 
+    def peer_id(self) -> str:
+        found = re.search(r"DHT started \(peer id (\w+)\)", self.log())
+        assert found, f"{self.name} has not started its DHT:\n{self.log()[-3000:]}"
+        return found.group(1)
+
     def wait_until(self, condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not condition():

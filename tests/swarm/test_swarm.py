@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from sdswarm.swarm.exchange import fetch_swarm_view
 from tests.swarm.peers import Peer, Rogue
 
 pytestmark = pytest.mark.swarm
@@ -166,9 +167,18 @@ def test_a_restarted_mother_rejoins_its_swarm(peers):
         last, before = shared[-1], shared[-2]
         return math.dist(ours[last], theirs[last]) < 0.5 * math.dist(ours[last], ours[before])
     mother.wait_until(one_model, "one model: the same fingerprint after the restart", timeout=300)
+    # and one swarm to see: each relay's view (the dashboard's, `sdswarm status`'s) lists both peers, live
+    for relay in (mother, joiner):
+        relay.wait_until(lambda r=relay: live_peers(r) == {mother.peer_id(), joiner.peer_id()},
+                         "both peers in the swarm view", timeout=60)
     for peer in (mother, joiner):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
+
+
+def live_peers(relay: Peer) -> set[str]:
+    view = fetch_swarm_view(relay.address)
+    return {p["peer_id"] for p in view["peers"] if not p["gone"]}
 
 
 def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peers, tmp_path):
@@ -229,6 +239,9 @@ def test_diloco_three_peers_share_each_outer_step_and_hold_one_model(peers):
         assert "the swarm reached swarm step 4 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
         averaged = re.findall(r"swarm step \d+: averaged \(group of (\d)", peer.log())
         assert len(averaged) >= 3 and "3" in averaged, f"{peer.name}: {averaged}"
+        # each outer step is an averaging round on record, as gradient rounds are
+        assert any(r["kind"] == "outer" and r["outcome"] == "complete" and r["group_size"] == 3
+                   and r["bytes_sent"] > 0 for r in peer.rounds()), peer.rounds()
         start, end = peer.eval_losses()
         assert end < 0.9 * start, f"{peer.name}: eval loss {start} -> {end}"
     # checkpoints hold the global weights: the same on every peer, up to the 8-bit rounding of the averaged deltas

@@ -50,6 +50,8 @@ class OuterStep:
     swarm_step: int  # the swarm step this peer is at afterwards (hivemind's local_epoch)
     outcome: Literal["averaged", "alone", "missed"]  # alone: no other peer in the swarm; missed: state downloaded
     group_size: int  # peers whose pseudo-gradients were averaged (1 when alone)
+    swarm_peers: int  # peers hivemind's tracker saw when the swarm step began
+    round_step: int  # the swarm step the peers' round was for (local_epoch before it; the round's gather key)
     local_steps: int  # AdamW steps this peer took since the last swarm step
     seconds: float  # from reaching the target to training on
 
@@ -67,7 +69,8 @@ def outer_sgd(params, *, lr: float, momentum: float) -> torch.optim.SGD:
 
 class DiLoCoOptimizer:
     """Looks to the trainer like hivemind.Optimizer: step() after each backward pass, `local_epoch` counts swarm
-    steps, `tracker` is hivemind's progress tracker. `last_outer_step` says how the latest swarm step went."""
+    steps, `tracker` is hivemind's progress tracker. `last_outer_step` says how the latest swarm step went, and
+    `on_swarm_step` (when set, e.g. by swarm/health.py) is told each one on the training thread."""
 
     def __init__(
         self,
@@ -90,7 +93,7 @@ class DiLoCoOptimizer:
         client_mode: bool = False,
         verbose: bool = True,
     ) -> None:
-        self.params = list(params)
+        self.dht, self.params = dht, list(params)
         self.inner = inner_optimizer(self.params)
         self.local_steps, self.batch_size_per_step = local_steps, batch_size_per_step
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
@@ -122,6 +125,7 @@ class DiLoCoOptimizer:
         self.scheduled: StepControl | None = None
         self.steps_since_outer = 0
         self.last_outer_step: OuterStep | None = None
+        self.on_swarm_step: Callable[[OuterStep], None] | None = None
 
     # --- what the trainer sees (hivemind.Optimizer's names) ---------------------------------------------------
 
@@ -158,6 +162,8 @@ class DiLoCoOptimizer:
         self._maybe_schedule_round()
         if self._swarm_reached_target():
             self.last_outer_step = self._outer_step()
+            if self.on_swarm_step is not None:
+                self.on_swarm_step(self.last_outer_step)
 
     def global_weights(self) -> contextlib.AbstractContextManager:
         return self._global_weights_swapped_in()
@@ -187,6 +193,7 @@ class DiLoCoOptimizer:
 
     def _outer_step(self) -> OuterStep:
         start, local_steps = time.perf_counter(), self.steps_since_outer
+        swarm_peers, round_step = max(1, self.tracker.global_progress.num_peers), self.local_epoch
         with self.tracker.pause_updates():
             samples = self.tracker.local_progress.samples_accumulated
             self._load_pseudo_gradients()
@@ -204,7 +211,8 @@ class DiLoCoOptimizer:
                 self.steps_since_outer = 0
         if outcome == "missed":
             self.load_state_from_peers()
-        result = OuterStep(self.local_epoch, outcome, max(group_size, 1), local_steps, time.perf_counter() - start)
+        result = OuterStep(self.local_epoch, outcome, max(group_size, 1), swarm_peers, round_step, local_steps,
+                           time.perf_counter() - start)
         log.info("swarm step %d: %s (group of %d, %d local steps, %.1f s)", result.swarm_step, result.outcome,
                  result.group_size, result.local_steps, result.seconds)
         return result

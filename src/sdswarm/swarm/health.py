@@ -5,7 +5,7 @@ hivemind 1.1.12 (as pinned) learns a round's outcome in two places, both watched
   `Optimizer._average_gradients_and_load_into_optimizer` (its StepControl ends with the gathered peers or an error);
 - parameters: the state averager's background thread only logs the outcome ("Averaged parameters with N peers",
   "Averaging failed with ..."): a logging handler on its logger reads it.
-Another way of averaging (the DiLoCo outer step) calls `RoundLog.record` itself.
+- DiLoCo's outer step (swarm/diloco.py) tells its `on_swarm_step` how each swarm step went.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hivemind
 import torch
 from pydantic import BaseModel, Field
 
+from sdswarm.swarm.diloco import DiLoCoOptimizer, OuterStep
 from sdswarm.swarm.validation import Refusal
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ class SwarmHealth:
     """Watches one hivemind.Optimizer: records its rounds, the gradient norm and a fingerprint per swarm step,
     and re-syncs this peer from the others when it has drifted away from them."""
 
-    def __init__(self, optimizer: hivemind.Optimizer, rounds: RoundLog, fingerprint: WeightFingerprint | None,
+    def __init__(self, optimizer: hivemind.Optimizer | DiLoCoOptimizer, rounds: RoundLog,
+                 fingerprint: WeightFingerprint | None,
                  peer_fingerprints: Callable[[], dict[str, list[FingerprintEntry]]] | None = None) -> None:
         self.optimizer, self.rounds, self.fingerprint = optimizer, rounds, fingerprint
         self.peer_fingerprints = peer_fingerprints
@@ -193,9 +195,10 @@ class SwarmHealth:
     # --- hooks (hivemind 1.1.12) ---
 
     def attach(self) -> SwarmHealth:
-        """Hook into hivemind.Optimizer. Another way of averaging (swarm/diloco.py) reports its rounds itself."""
+        """Hook into hivemind.Optimizer, or DiLoCo's outer steps."""
         self._handler = None
-        if not isinstance(self.optimizer, hivemind.Optimizer):
+        if isinstance(self.optimizer, DiLoCoOptimizer):
+            self.optimizer.on_swarm_step = self._outer_step_done
             return self
         opt = self.optimizer
         opt._begin_averaging_gradients = self._wrap_begin(opt._begin_averaging_gradients)
@@ -264,6 +267,18 @@ class SwarmHealth:
                            outcome=outcome, duration=time.perf_counter() - started,
                            refusals=_refusals(self.optimizer.state_averager))
 
+    def _outer_step_done(self, step: OuterStep) -> None:
+        """DiLoCo: one averaging round of pseudo-gradients per swarm step; a missed one is a failed round (the peer
+        downloaded the swarm's state instead of stepping)."""
+        if step.outcome == "averaged":
+            outcome: Outcome = "complete" if step.group_size >= step.swarm_peers else "partial"
+        else:
+            outcome = "alone" if step.outcome == "alone" else "failed"
+        self.rounds.record("outer", swarm_step=step.round_step, group_size=step.group_size,
+                           swarm_peers=step.swarm_peers, outcome=outcome, duration=step.seconds,
+                           refusals=_refusals(self.optimizer.averager))
+        self.after_swarm_step()
+
     def _wrap_update(self, update):
         @functools.wraps(update)
         def wrapped(*args, **kwargs):
@@ -275,7 +290,8 @@ class SwarmHealth:
     # --- after each swarm step (on the training thread) ---
 
     def after_swarm_step(self) -> None:
-        self.grad_norm = getattr(self.optimizer.opt, "last_grad_norm", None)
+        inner = self.optimizer.inner if isinstance(self.optimizer, DiLoCoOptimizer) else self.optimizer.opt
+        self.grad_norm = getattr(inner, "last_grad_norm", None)  # DiLoCo: of its last local step
         if self.fingerprint is None:
             return
         values = self.fingerprint()
