@@ -52,8 +52,7 @@ def unpack(packed: dict[str, Any]) -> torch.Tensor:
 def compact(state: dict[str, Any]) -> dict[str, Any]:
     """The training state with its optimizer moments packed (wherever they sit: AdamW's state, DiLoCo's inner and
     outer optimizers) and the EMA's shadow in fp16; everything else as it is."""
-    out = dict(state)
-    out["optimizer"] = _pack_moments(state["optimizer"])
+    out = {key: value if key == "ema" else _pack_moments(value) for key, value in state.items()}
     if state.get("ema") is not None:
         out["ema"] = {**state["ema"], "shadow": [t.half() if t.is_floating_point() else t
                                                  for t in state["ema"]["shadow"]]}
