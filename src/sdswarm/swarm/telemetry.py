@@ -39,6 +39,10 @@ class PeerMetrics(BaseModel):
     rounds: list[Round] = Field(default_factory=list, max_length=RECENT_ROUNDS)  # its latest averaging rounds
     fingerprints: list[FingerprintEntry] = Field(default_factory=list, max_length=FINGERPRINT_HISTORY)
     resyncs: int = 0  # times it re-loaded the state from peers after drifting away
+    # LoRA swarms: the base model its adapters belong to (model/lora.py: BaseIdentity); a peer reaching the swarm
+    # through the DHT alone compares its own with these
+    base_model: str | None = Field(None, max_length=256)
+    base_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     time: float = 0.0
     gone: bool = False  # set by the reader: silent for GONE_AFTER seconds
 
