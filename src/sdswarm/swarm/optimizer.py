@@ -25,12 +25,13 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
-from hivemind.optim.grad_averager import GradientAverager
 
 from sdswarm.config import SwarmConfig
+from sdswarm.swarm.catch_up import GuardedOptimizer
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
 from sdswarm.swarm.host_memory import share_before_fork
+from sdswarm.swarm.validation import CheckedGradientAverager
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def clipped_adamw_8bit() -> type[torch.optim.Optimizer]:
     return type("ClippedAdamW8bit", (ClipGradNorm, bitsandbytes.optim.AdamW8bit), {})
 
 
-class InPlaceGradientAverager(GradientAverager):
+class InPlaceGradientAverager(CheckedGradientAverager):
     """A CPU-only peer's gradient averager: the model's `.grad` buffers are the accumulators (backward adds each
     micro-batch in place, hivemind's `reuse_grad_buffers`), the tensors the round averages, and what AdamW applies.
     Stock hivemind holds three buffers per parameter for this (`.grad`, accumulator, averaged gradient)."""
@@ -136,7 +137,8 @@ class InPlaceGradientAverager(GradientAverager):
     def __init__(self, parameters: Iterable[torch.nn.Parameter], **kwargs) -> None:
         parameters = tuple(parameters)
         kwargs.pop("reuse_grad_buffers", None)
-        super().__init__(parameters, reuse_grad_buffers=True, averaged_grads=tuple(p.grad for p in parameters),
+        super().__init__(parameters=parameters, reuse_grad_buffers=True,
+                         averaged_grads=tuple(p.grad for p in parameters),
                          **kwargs)
         self._averaged_input_ready = False
 
@@ -160,7 +162,7 @@ class InPlaceGradientAverager(GradientAverager):
         super().reset_accumulated_grads_()
 
 
-class InPlaceOptimizer(hivemind.Optimizer):
+class InPlaceOptimizer(GuardedOptimizer):
     """hivemind.Optimizer for a CPU-only peer (device and host memory are one): AdamW steps the model's weights
     themselves, which are also what state averaging and a joiner's download read (no offloaded copy), and one
     `.grad` buffer per parameter serves every gradient role (InPlaceGradientAverager). 16 bytes per trainable
@@ -262,7 +264,8 @@ def make_optimizer(
             download_bytes=costs.download_bytes, client_mode=dht.client_mode, in_place=in_place,
             mapped_state_dir=mapped_state_dir if in_place else None, verbose=verbose,
         )
-    optimizer = (InPlaceOptimizer if in_place else hivemind.Optimizer)(
+    # hivemind.Optimizer whose tracker, downloads and rounds check what other peers send (catch_up, validation)
+    optimizer = (InPlaceOptimizer if in_place else GuardedOptimizer)(
         dht=dht,
         run_id=swarm.run_id,
         params=params,
@@ -279,7 +282,7 @@ def make_optimizer(
         # in place: the state averager averages and serves the model's weights themselves (no host copy)
         averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout, **({"reuse_tensors": True}
                                                                                 if in_place else {})),
-        grad_averager_factory=partial(InPlaceGradientAverager if in_place else GradientAverager,
+        grad_averager_factory=partial(InPlaceGradientAverager if in_place else CheckedGradientAverager,
                                       request_timeout=swarm.matchmaking_request_timeout),
         grad_compression=compression,
         state_averaging_compression=compression,
