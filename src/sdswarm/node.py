@@ -41,7 +41,14 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
-from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, describe_training, peers_answer
+from sdswarm.swarm.exchange import (
+    DATA_PATH,
+    PROTOCOL,
+    config_answer,
+    describe_training,
+    peers_answer,
+    public_training,
+)
 from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint
 from sdswarm.swarm.network import (
     connected_peer_addresses,
@@ -518,7 +525,7 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     routes = [] if settings.client_mode else exchange_routes(
         config_answer=partial(config_answer, config, index.sha256, lora_base),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
-        swarm_answer=lambda: {"protocol": PROTOCOL, "training": controls.training, **controls.swarm()},
+        swarm_answer=lambda: {"protocol": PROTOCOL, "training": public_training(controls.training), **controls.swarm()},
     )
     if routes:  # every relay serves the index it trains on: its joiners need no local copy
         routes += index_routes(index.file, index.sha256)
