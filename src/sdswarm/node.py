@@ -521,7 +521,7 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     index_dir = Path(named).parent if named and not named.startswith(("http://", "https://")) else None
     local = [config.data.source, config.data.workdir, index_dir, default_cache_dir()]
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
-    app = create_app(controls, admin_token=token, private_paths=private)
+    app = create_app(controls, admin_token=token, private_paths=private, public_downloads=settings.public_downloads)
     routes = [] if settings.client_mode else exchange_routes(
         config_answer=partial(config_answer, config, index.sha256, lora_base),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),

@@ -47,7 +47,7 @@ class ZipDownloads:
         self._running[id(gone)] = (request, gone)  # counted from here: `running` is checked before this call
         try:
             await response.prepare(request)
-            await _in_daemon_thread(write_zip, entries, send)
+            await _in_daemon_thread(write_zip, entries, send, self.redact)
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next piece instead of writing to a closed response
             raise
