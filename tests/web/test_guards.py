@@ -233,7 +233,8 @@ def test_connections_beyond_the_cap_are_turned_away(guarded):
 
 @pytest.mark.parametrize(("host", "allowed"), [
     ("127.0.0.1", True), ("127.0.0.1:8765", True), ("localhost:8765", True), ("LOCALHOST.", True),
-    ("[::1]:8765", True), ("app.localhost", True), ("evil.example", False), ("evil.example:8765", False),
+    ("[::1]:8765", True), ("app.localhost", True), ("0.0.0.0:8765", True),
+    ("evil.example", False), ("evil.example:8765", False),
     ("127.0.0.1.evil.example", False), ("", False),
 ])
 def test_a_loopback_connection_must_name_a_loopback_host(served, host, allowed):

@@ -148,4 +148,5 @@ def _names_loopback(host: str) -> bool:
         name, _, port = host.rpartition(":")
         name = name if name and port.isdigit() else host
     name = name.lower().rstrip(".")
-    return name == "localhost" or name.endswith(".localhost") or _is_loopback(name)
+    # 0.0.0.0 and :: reach this machine too (a relay on 0.0.0.0 without a public address prints 0.0.0.0:PORT)
+    return name in ("localhost", "0.0.0.0", "::") or name.endswith(".localhost") or _is_loopback(name)
