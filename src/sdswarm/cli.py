@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ log = logging.getLogger("sdswarm")
 
 # What a joining node may set for itself; everything else is the swarm's and comes from the relay.
 # (A key ending in "." covers its section.) `model` only where the swarm's is a folder on the mother's disk.
-JOINER_KEYS = ("output.", "data.workdir", "data.loader_workers", "data.source", "data.index", "model", "train.device",
+JOINER_KEYS = ("output.", "data.workdir", "data.workdir_max_gb", "data.loader_workers", "data.source", "data.index",
+               "model", "train.device",
                "train.batch_size", "train.gradient_checkpointing", "train.attention", "train.max_steps",
                "swarm.uplink_mbit", "swarm.min_link_mbit")
 DEFAULT_JOIN_OUTPUT = "output/joined"
@@ -228,52 +230,67 @@ def show_status(address: str) -> int:
 
     try:
         view = fetch_swarm_view(address)
-        print("\n".join(status_lines(view)))
     except ExchangeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (KeyError, TypeError, ValueError) as exc:
-        print(f"error: the relay at {address} sent a swarm view this version cannot read ({exc!r})", file=sys.stderr)
-        return 2
+    print("\n".join(status_lines(view)))
     return 0
 
 
+MAX_STATUS_PEERS = 200  # a relay's view is a few dozen peers; a longer list is cut, saying how many were left out
+
+
 def status_lines(view: dict) -> list[str]:
-    """`sdswarm status` as lines of text. Everything in `view` comes from other peers: only printable
-    characters of bounded length reach the terminal."""
+    """`sdswarm status` as lines of text. Everything in `view` comes from other peers: each value is checked on its
+    own (a missing or wrong one prints '-', never fails the whole view) and only printable characters of bounded
+    length reach the terminal."""
     from sdswarm.swarm.exchange import describe_training
 
-    peers = [p for p in view["peers"] if isinstance(p, dict)]
+    raw_peers = view.get("peers")
+    peers = [p for p in raw_peers if isinstance(p, dict)] if isinstance(raw_peers, list) else []
     live = [p for p in peers if not p.get("gone")]
-    target = max(int(view["target_batch_size"]), 1)
-    toward = min(max(int(view["samples_toward_target"]), 0), target)
-    spread = view.get("spread")
+    target, toward = _int(view.get("target_batch_size")), _int(view.get("samples_toward_target"))
+    progress = "-/- samples toward the target"
+    if target is not None and target > 0 and toward is not None:
+        toward = min(max(toward, 0), target)
+        progress = f"{toward}/{target} samples toward the target ({toward / target:.0%})"
+    spread, spread_step = _float(view.get("spread")), _int(view.get("spread_step"))
     lines = [
-        f"run {_text(view['run_id'], 64)}: swarm step {int(view['epoch'])}, {toward}/{target} samples toward the "
-        f"target ({toward / target:.0%}), {float(view['samples_per_second']):.1f} samples/s, {len(live)} peers"
+        f"run {_text(view.get('run_id', '-'), 64)}: swarm step {_shown(_int(view.get('epoch')))}, {progress}, "
+        f"{_shown(_float(view.get('samples_per_second')), '.1f')} samples/s, {len(live)} peers"
         + (f" ({len(peers) - len(live)} gone)" if len(peers) > len(live) else ""),
         "one model: " + ("not known yet (peers publish a fingerprint after each swarm step)" if spread is None else
-                         f"spread {float(spread):.2f} swarm steps' worth at step {int(view.get('spread_step') or 0)}"
-                         + (" - peers have drifted apart" if float(spread) > 1 else "")),
-        *([f"training: {_text(describe_training(view['training']), 200)}"] if view.get("training") else []),
-        f"{'peer':<16} {'role':<7} {'state':<8} {'address':<22} {'step':>7} {'sw.step':>7} {'loss':>8} "
-        f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters, o: outer)",
+                         f"spread {spread:.2f} swarm steps' worth at step {_shown(spread_step)}"
+                         + (" - peers have drifted apart" if spread > 1 else "")),
     ]
-    for peer in peers:
-        loss, norm = peer.get("loss"), peer.get("grad_norm")
+    training = view.get("training")
+    if training:
+        try:
+            lines.append(f"training: {_text(describe_training(training), 200)}")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            lines.append("training: (the relay's description could not be read)")
+    lines.append(f"{'peer':<16} {'role':<7} {'state':<8} {'address':<22} {'step':>7} {'sw.step':>7} {'loss':>8} "
+                 f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters, o: outer)")
+    for peer in peers[:MAX_STATUS_PEERS]:
         state = "gone" if peer.get("gone") else _text(peer.get("state", "training"), 8)
-        rounds = " ".join(_round_mark(r) for r in (peer.get("rounds") or [])[-6:] if isinstance(r, dict))
+        rounds = peer.get("rounds") if isinstance(peer.get("rounds"), list) else []
+        marks = " ".join(_round_mark(r) for r in rounds[-6:] if isinstance(r, dict))
         lines.append(
-            f"{_text(peer['peer_id'], 128)[-16:]:<16} {_text(peer['role'], 7):<7} {state:<8} "
-            f"{_text(peer.get('address') or '-', 22):<22} {int(peer['step']):>7} {int(peer['local_epoch']):>7} "
-            f"{'-' if loss is None else f'{float(loss):.4f}':>8} {float(peer['samples_per_second']):>9.1f} "
-            f"{'-' if norm is None else f'{float(norm):.3g}':>9}  {rounds}")
+            f"{_text(peer.get('peer_id', '-'), 128)[-16:]:<16} {_text(peer.get('role', '-'), 7):<7} {state:<8} "
+            f"{_text(peer.get('address') or '-', 22):<22} {_shown(_int(peer.get('step'))):>7} "
+            f"{_shown(_int(peer.get('local_epoch'))):>7} {_shown(_float(peer.get('loss')), '.4f'):>8} "
+            f"{_shown(_float(peer.get('samples_per_second')), '.1f'):>9} "
+            f"{_shown(_float(peer.get('grad_norm')), '.3g'):>9}  {marks}")
+    if len(peers) > MAX_STATUS_PEERS:
+        lines.append(f"... and {len(peers) - MAX_STATUS_PEERS} more peers")
     refused: dict[str, int] = {}  # sender -> parts refused or clipped in the rounds the peers publish
-    for peer in peers:
-        for entry in peer.get("rounds") or []:
+    for peer in peers[:MAX_STATUS_PEERS]:
+        rounds = peer.get("rounds") if isinstance(peer.get("rounds"), list) else []
+        for entry in rounds:
             if isinstance(entry, dict) and isinstance(entry.get("refused"), dict):
-                for sender, parts in entry["refused"].items():
-                    refused[_text(sender, 128)] = refused.get(_text(sender, 128), 0) + max(int(parts), 0)
+                for sender, parts in list(entry["refused"].items())[:MAX_STATUS_PEERS]:
+                    sender = _text(sender, 128)
+                    refused[sender] = refused.get(sender, 0) + max(_int(parts) or 0, 0)
     if refused:
         lines.append("refused or clipped update parts (x in last rounds), by sender: " + ", ".join(
             f"{sender} {parts}" for sender, parts in sorted(refused.items(), key=lambda item: -item[1])[:8]))
@@ -283,14 +300,34 @@ def status_lines(view: dict) -> list[str]:
 def _round_mark(entry: dict) -> str:
     """A round in a few characters: kind, outcome, group size (g3 ok, p2 partial, g! failed, g- alone)."""
     mark = {"complete": "", "partial": "~", "failed": "!", "alone": "-"}.get(entry.get("outcome"), "?")
-    kind = str(entry.get("kind", "?"))[:1]
+    kind = _text(entry.get("kind", "?"), 1) or "?"
     mark += "x" if entry.get("refused") else ""  # parts of some peer refused or clipped (swarm/validation.py)
-    return f"{kind}{mark}" if mark[:1] in ("!", "-", "?") else f"{kind}{int(entry.get('group_size', 0))}{mark}"
+    return f"{kind}{mark}" if mark[:1] in ("!", "-", "?") else f"{kind}{_shown(_int(entry.get('group_size')))}{mark}"
+
+
+def _int(value: object) -> int | None:
+    """A whole number another peer sent, or None (missing, not a number, not finite, absurdly large)."""
+    number = _float(value)
+    return int(number) if number is not None and abs(number) < 1e15 else None
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: float | None, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _text(value: object, width: int) -> str:
     """At most `width` printable characters of a value another peer sent (no terminal escape sequences)."""
-    return "".join(ch for ch in str(value) if ch.isprintable())[:width]
+    return "".join(ch for ch in str(value)[:4 * width] if ch.isprintable())[:width]
 
 
 def edit_settings(folder: Path, changes: Sequence[str]) -> int:

@@ -53,7 +53,8 @@ class DataConfig(Section):
     index_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the sha256 of the index file "
                                      "the swarm trains on: a relay sends it, a joiner's index must match it")
     workdir: Path | None = Field(None, description="where pairs land as image + .txt; default OUTPUT/workdir")
-    images_per_chunk: PositiveInt = Field(1000, description="pairs trained per chunk before the next is drawn")
+    images_per_chunk: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        1000, description="pairs trained per chunk before the next is drawn")
     caption_categories: list[Literal["character", "copyright", "general", "artist", "meta"]] = Field(
         default_factory=lambda: ["character", "copyright", "general"]
     )
@@ -66,8 +67,9 @@ class DataConfig(Section):
     fetch_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(16, description="pairs downloading at once")
     fetch_timeout: Annotated[float, Field(gt=0, le=3600)] = Field(30.0, description="seconds of silence per request")
     fetch_retries: Annotated[int, Field(ge=0, le=10)] = Field(3, description="retries on timeouts and 5xx, not 404")
-    max_file_mb: Annotated[float, Field(gt=0)] = Field(100.0, description="larger image files are discarded")
-    max_image_pixels: PositiveInt = Field(50_000_000, description="larger images are refused before decoding")
+    max_file_mb: Annotated[float, Field(gt=0, le=1024)] = Field(100.0, description="larger image files are discarded")
+    max_image_pixels: Annotated[int, Field(ge=1, le=250_000_000)] = Field(
+        50_000_000, description="larger images are refused before decoding (at most 250 million: 750 MB decoded)")
     caption_separator: str = Field(", ", min_length=1)
     caption_shuffle: bool = Field(False, description="shuffle the tags each time a caption is used")
     caption_keep_first: Annotated[int, Field(ge=0)] = Field(0, description="tags left in place by the shuffle")
@@ -145,7 +147,8 @@ class OutputConfig(Section):
 
 class SwarmConfig(Section):
     run_id: str = Field("testrun", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    target_batch_size: PositiveInt = 75000
+    # the upper bounds below are far beyond any real swarm: a larger value could only stall one (e.g. a relay's)
+    target_batch_size: Annotated[int, Field(ge=1, le=10**9)] = 75000
     matchmaking_time: Seconds = 260.0
     averaging_timeout: Seconds = 1200.0
     allreduce_timeout: Seconds = 1200.0
@@ -155,23 +158,25 @@ class SwarmConfig(Section):
         "every_step", description="every_step: one AdamW step on the swarm-averaged gradient per swarm step; "
         "local_steps (DiLoCo): each peer takes swarm.local_steps AdamW steps alone, then the swarm averages what "
         "the peers learned and takes one outer step (far fewer bytes: for home links)")
-    local_steps: PositiveInt = Field(50, description="local_steps mode: AdamW steps each peer takes between swarm "
-                                     "steps (about: fast peers take more, slow ones fewer)")
+    local_steps: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        50, description="local_steps mode: AdamW steps each peer takes between swarm steps (about: fast peers take "
+        "more, slow ones fewer)")
     outer_lr: Annotated[float, Field(gt=0, le=2)] = Field(0.7, description="local_steps mode: the outer step's lr")
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.9, description="local_steps mode: the outer step's Nesterov momentum")
     compression: Literal["auto", "none", "fp16", "scaled_fp16", "uniform8bit", "blockwise8bit"] = Field(
         "auto", description="what averaging sends: auto = scaled_fp16 gradients (every_step), uniform8bit "
         "pseudo-gradients (local_steps); blockwise8bit needs bitsandbytes on every peer")
-    uplink_mbit: Annotated[float, Field(gt=0)] = Field(
+    uplink_mbit: Annotated[float, Field(ge=0.1, le=1e6)] = Field(
         20.0, description="this peer's upload speed, for the start-up estimate of a swarm step's network time")
-    min_link_mbit: Annotated[float, Field(gt=0)] = Field(
+    min_link_mbit: Annotated[float, Field(ge=0.1, le=1e6)] = Field(
         10.0, description="the slowest link a state download must finish on (sets its timeout)")
-    average_state_every: PositiveInt = 1
+    average_state_every: Annotated[int, Field(ge=1, le=10_000)] = 1
     request_timeout: Seconds | None = Field(
         None, description="seconds a peer waits for each answer while forming an averaging group; must be below "
         "matchmaking_time (else groups deadlock); none: a third of matchmaking_time, at most 3 (hivemind's default)")
-    min_peers: PositiveInt = Field(1, description="start-up barrier: peers to wait for before the first step")
+    min_peers: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1, description="start-up barrier: peers to wait for before the first step")
     startup_timeout: Seconds = Field(600.0, description="how long the barrier waits before training anyway")
 
     @model_validator(mode="after")

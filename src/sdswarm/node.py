@@ -41,7 +41,14 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
-from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, describe_training, peers_answer
+from sdswarm.swarm.exchange import (
+    DATA_PATH,
+    PROTOCOL,
+    config_answer,
+    describe_training,
+    peers_answer,
+    public_training,
+)
 from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint
 from sdswarm.swarm.network import (
     connected_peer_addresses,
@@ -531,11 +538,11 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     index_dir = Path(named).parent if named and not named.startswith(("http://", "https://")) else None
     local = [config.data.source, config.data.workdir, index_dir, default_cache_dir()]
     private = tuple(Path(p) for p in local if p and not str(p).startswith(("builtin:", "http://", "https://")))
-    app = create_app(controls, admin_token=token, private_paths=private)
+    app = create_app(controls, admin_token=token, private_paths=private, public_downloads=settings.public_downloads)
     routes = [] if settings.client_mode else exchange_routes(
         config_answer=partial(config_answer, config, index.sha256, lora_base),
         peers_answer=lambda: peers_answer([str(a) for a in dht.get_visible_maddrs()]),
-        swarm_answer=lambda: {"protocol": PROTOCOL, "training": controls.training, **controls.swarm()},
+        swarm_answer=lambda: {"protocol": PROTOCOL, "training": public_training(controls.training), **controls.swarm()},
     )
     if routes:  # every relay serves the index it trains on: its joiners need no local copy
         routes += index_routes(index.file, index.sha256)

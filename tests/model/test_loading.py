@@ -227,3 +227,19 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_cache_dir() == tmp_path / "xdg" / "sdswarm"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "sdswarm"
+
+
+def test_pickled_weights_are_never_loaded(tiny_path: Path, tmp_path: Path) -> None:
+    """A model whose UNet comes as a pickled .bin (which can run code when unpickled) is refused, naming the fix."""
+    import shutil
+
+    from sdswarm.model.loading import ModelUnavailable
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_path, pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelUnavailable, match="safetensors files only") as err:
+        load_components(str(pickled))
+    assert str(pickled) in str(err.value)

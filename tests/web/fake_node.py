@@ -4,6 +4,7 @@ metrics, sample grids and, when asked, checkpoints in the layout the real traine
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import threading
@@ -92,6 +93,14 @@ class FakeNode:
                 (tmp / rel).write_bytes(content)
             # as the real one: the config names this machine's folders, so the UI must never hand it out
             (tmp / "config.yaml").write_text(f"output:\n  dir: {self.output_dir}\n", encoding="utf-8")
+            # as diffusers and transformers write them: each part's config names where the model was loaded from
+            (tmp / "unet" / "config.json").write_text(json.dumps(
+                {"_class_name": "UNet2DConditionModel", "_name_or_path": str(self.output_dir / "checkpoints" / "x"),
+                 "sample_size": 64}), encoding="utf-8")
+            (tmp / "text_encoder").mkdir(exist_ok=True)
+            (tmp / "text_encoder" / "config.json").write_text(json.dumps(
+                {"_name_or_path": str(Path.home() / "models" / "sd-base"), "hidden_size": 768,
+                 "note": f"loaded from {self.output_dir.parent}/elsewhere"}), encoding="utf-8")
             (tmp / "training_state.pt").write_bytes(b"state" * 1000)
             if single_file:
                 (tmp / f"{final.name}.safetensors").write_bytes(b"single-file-export" * 100)

@@ -28,6 +28,12 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def raw_get(path: str, *headers: str) -> bytes:
+    """A GET as a raw socket sends it: a loopback Host and the admin token."""
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {TOKEN}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 def assert_private(body: bytes, node: FakeNode) -> None:
     """Nothing that names this machine's folders or holds the token."""
     text = body.decode("utf-8", errors="replace")
@@ -179,6 +185,13 @@ def test_settings_change_is_validated_saved_and_shown(served):
     ({"listen_host": "everywhere"}, "listen_host"),
     ({"ie_port_internal": "eighty"}, "ie_port_internal"),
     ({"admin_token": "x"}, "admin_token"),
+    ({"ie_port_internal": True}, "ie_port_internal"),  # pydantic would read true as port 1
+    ({"dht_port_external": "8080"}, "dht_port_external"),
+    ({"ie_port_external": 80.5}, "ie_port_external"),
+    ({"public_address": "my_host.example.org"}, "public_address"),
+    ({"public_address": "node.example.123"}, "public_address"),
+    ({"public_address": "bad..example.org"}, "public_address"),
+    ({"public_downloads": "yes"}, "public_downloads"),
 ])
 def test_invalid_settings_are_refused_naming_the_key(served, change, key):
     answer = served.post("/api/ui/settings", body=change, admin=True)
@@ -275,7 +288,7 @@ def test_checkpoint_listing_is_rebuilt_only_when_the_folder_changes(served, monk
 
 def test_checkpoint_zip_is_a_loadable_folder_without_the_local_config(served):
     served.node.write_checkpoint(10)
-    answer = served.get("/api/ui/checkpoints/step_00000010/zip")
+    answer = served.get("/api/ui/checkpoints/step_00000010/zip", admin=True)
     assert answer.status == 200 and answer.headers["Content-Type"] == "application/zip"
     assert 'filename="step_00000010-model.zip"' in answer.headers["Content-Disposition"]
     archive = zipfile.ZipFile(io.BytesIO(answer.body))
@@ -287,7 +300,7 @@ def test_checkpoint_zip_is_a_loadable_folder_without_the_local_config(served):
     assert "step_00000010/training_state.pt" not in names
     assert archive.read("step_00000010/unet/diffusion_pytorch_model.safetensors") == \
         (served.node.output_dir / "checkpoints/step_00000010/unet/diffusion_pytorch_model.safetensors").read_bytes()
-    full = zipfile.ZipFile(io.BytesIO(served.get("/api/ui/checkpoints/step_00000010/zip?state=1").body))
+    full = zipfile.ZipFile(io.BytesIO(served.get("/api/ui/checkpoints/step_00000010/zip?state=1", admin=True).body))
     assert "step_00000010/training_state.pt" in full.namelist()
     assert "step_00000010/config.yaml" not in full.namelist()
 
@@ -295,10 +308,10 @@ def test_checkpoint_zip_is_a_loadable_folder_without_the_local_config(served):
 def test_single_file_export_download(served):
     served.node.write_checkpoint(20, single_file=True)
     served.node.write_checkpoint(30)
-    answer = served.get("/api/ui/checkpoints/step_00000020/single-file")
+    answer = served.get("/api/ui/checkpoints/step_00000020/single-file", admin=True)
     assert answer.status == 200 and answer.body == b"single-file-export" * 100
     assert 'filename="step_00000020.safetensors"' in answer.headers["Content-Disposition"]
-    assert served.get("/api/ui/checkpoints/step_00000030/single-file").status == 404
+    assert served.get("/api/ui/checkpoints/step_00000030/single-file", admin=True).status == 404
 
 
 def test_a_big_download_can_be_abandoned(served):
@@ -307,10 +320,10 @@ def test_a_big_download_can_be_abandoned(served):
     (folder / "unet" / "big.safetensors").write_bytes(b"\0" * (64 << 20))
     for _ in range(3):  # more than the concurrent-download limit: each slot must come back
         with socket.create_connection(("127.0.0.1", int(served.base.rsplit(":", 1)[1])), timeout=10) as sock:
-            sock.sendall(b"GET /api/ui/checkpoints/step_00000050/zip HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(raw_get("/api/ui/checkpoints/step_00000050/zip"))
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         time.sleep(0.2)
-    wait_for(lambda: served.get("/api/ui/checkpoints/step_00000050/zip").status == 200, timeout=30)
+    wait_for(lambda: served.get("/api/ui/checkpoints/step_00000050/zip", admin=True).status == 200, timeout=30)
 
 
 def test_samples_latest_first(served):
@@ -354,9 +367,9 @@ def test_symlinks_out_of_the_output_folder_are_not_served(served, tmp_path):
     (served.node.output_dir / "samples" / "step_00000077.png").symlink_to(secret / "unet" / "private.safetensors")
     inside = served.node.write_checkpoint(10)
     (inside / "unet" / "link.safetensors").symlink_to(secret / "unet" / "private.safetensors")
-    assert served.get("/api/ui/checkpoints/step_00000077/zip").status == 404
+    assert served.get("/api/ui/checkpoints/step_00000077/zip", admin=True).status == 404
     assert served.get("/api/ui/samples/step_00000077.png").status == 404
-    archive = zipfile.ZipFile(io.BytesIO(served.get("/api/ui/checkpoints/step_00000010/zip").body))
+    archive = zipfile.ZipFile(io.BytesIO(served.get("/api/ui/checkpoints/step_00000010/zip", admin=True).body))
     assert "step_00000010/unet/link.safetensors" not in archive.namelist()
 
 
@@ -389,7 +402,7 @@ def test_server_stops_promptly_during_a_download(tmp_path):
     (folder / "unet" / "big.safetensors").write_bytes(b"\0" * (64 << 20))
     server, base = serve(node)
     with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=10) as sock:
-        sock.sendall(b"GET /api/ui/checkpoints/step_00000005/zip HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(raw_get("/api/ui/checkpoints/step_00000005/zip"))
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # the client stalls: the zip waits for it
         start = time.monotonic()
         server.stop()
@@ -401,7 +414,7 @@ def test_a_checkpoint_pruned_mid_download_cuts_the_zip_off(served):
     (folder / "aaa").mkdir()  # more than socket buffers hold: the zip cannot be done before the client reads on
     (folder / "aaa" / "big.bin").write_bytes(b"\0" * (32 << 20))
     with socket.create_connection(("127.0.0.1", int(served.base.rsplit(":", 1)[1])), timeout=10) as sock:
-        sock.sendall(b"GET /api/ui/checkpoints/step_00000060/zip HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.sendall(raw_get("/api/ui/checkpoints/step_00000060/zip", "Connection: close"))
         received = sock.recv(65536)
         shutil.rmtree(folder)  # pruned while the client is still reading
         while piece := sock.recv(1 << 20):
@@ -421,15 +434,15 @@ def test_at_most_two_zips_are_built_at_once(served):
     try:
         for _ in range(2):  # clients that stop reading: their zips wait, holding their slots
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"GET /api/ui/checkpoints/step_00000070/zip HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(raw_get("/api/ui/checkpoints/step_00000070/zip"))
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
             stalled.append(sock)
-        busy = served.get("/api/ui/checkpoints/step_00000070/zip")
+        busy = served.get("/api/ui/checkpoints/step_00000070/zip", admin=True)
         assert busy.status == 503 and busy.headers["Retry-After"] == "60" and "downloads" in busy.json()["error"]
     finally:
         for sock in stalled:
             sock.close()
-    wait_for(lambda: served.get("/api/ui/checkpoints/step_00000070/zip").status == 200, timeout=30)
+    wait_for(lambda: served.get("/api/ui/checkpoints/step_00000070/zip", admin=True).status == 200, timeout=30)
 
 
 def test_many_viewers_cost_the_node_one_status_a_second(served):

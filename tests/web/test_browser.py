@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import urllib.request
+import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -104,6 +105,13 @@ def test_the_page_in_chromium(node_url, tmp_path):
                 timeout=WAIT_MS)
             new_rows = [r for r in rows.all() if r.inner_text() not in before]
             assert new_rows and new_rows[0].locator("a").first.get_attribute("href").startswith("/api/ui/checkpoints/")
+
+            # --- download it: the link asks the node for a one-minute ticket with the token the page holds ---
+            with page.expect_download(timeout=WAIT_MS) as download:
+                new_rows[0].locator("a").first.click()
+            assert download.value.suggested_filename.endswith("-model.zip")
+            with zipfile.ZipFile(download.value.path()) as archive:
+                assert archive.testzip() is None and any(n.endswith("unet/config.json") for n in archive.namelist())
 
             # --- screenshot of the dashboard ---
             page.wait_for_timeout(500)

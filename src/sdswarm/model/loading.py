@@ -137,13 +137,20 @@ def load_components(model: str, cache_dir: Path | None = None) -> SDComponents:
     """
     source, hub_cache = _resolve(model, cache_dir)
     kw: dict = {"cache_dir": hub_cache} if hub_cache is not None else {}
-    return SDComponents(
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **kw),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **kw),
+    # weights from safetensors only: a pickled .bin (or .ckpt) can run code when loaded, and `model` may have been
+    # named by a relay
+    weights = {"use_safetensors": True, **kw}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **weights)
         # transformers 5 defaults to dtype="auto" (the checkpoint's dtype), so ask for fp32 explicitly.
-        text_encoder=CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", dtype=torch.float32, **kw
-        ),
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **weights)
+    except OSError as exc:  # diffusers and transformers: no such weights file (EnvironmentError)
+        raise ModelUnavailable(
+            f"model {model}: {exc}. sdswarm loads weights from .safetensors files only (pickled .bin files can run "
+            "code when loaded): convert the model, e.g. load it once with diffusers and save_pretrained it") from None
+    return SDComponents(
+        unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
     )

@@ -3,15 +3,21 @@
 A relay answers two questions over HTTP, as in the how-to: which training config the swarm runs, and which
 DHT addresses to start from. Any relay answers them, so the mother is not a single point of failure.
 The config that leaves a node is its public view: the training recipe only, no local path, no secret.
+A joiner trusts a relay with the recipe and nothing else: a key that is each node's own (its folders, disk budget,
+device, workers, checkpoint cadence) is refused when a relay sends it, and the model and data locations a relay names
+must be shared ones (a hub id; builtin:; an http(s) URL on a public host or on the relay's own host).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -30,12 +36,17 @@ PEERS_PATH = "/api/v1/peers"
 SWARM_PATH = "/api/v1/swarm"
 DATA_PATH = "/api/v1/data"  # a relay training on builtin:demo serves its files here; its joiners fetch them
 
-# Keys that describe one machine, not the swarm: never served, each node sets its own.
+# Keys that describe one machine, not the swarm: never served, each node sets its own, and a joiner refuses a relay
+# that sends one (an honest relay of this protocol never does). data.index is a path or a URL on the relay's side:
+# the swarm's index is named by data.index_sha256 and downloaded from the relay.
 LOCAL_KEYS: dict[str, Any] = {
     "output": True,
-    "data": {"workdir", "loader_workers"},
+    "data": {"workdir", "workdir_max_gb", "loader_workers", "index"},
     "train": {"device"},
 }
+SECTIONS = ("data", "train", "output", "swarm")
+# host names that only mean something inside a network; a relay may not point a joiner's fetches at them
+_LOCAL_NAME_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".lan", ".home", ".corp", ".home.arpa")
 
 
 def public_config(config: Config, index_sha256: str | None = None) -> dict[str, Any]:
@@ -43,7 +54,6 @@ def public_config(config: Config, index_sha256: str | None = None) -> dict[str, 
     relay, or check their own copy against it), and no path on this machine's disk."""
     view = config.model_dump(mode="json", exclude=LOCAL_KEYS)
     data = view["data"]
-    del data["index"]  # a path here, or a URL: the hash says which index, the relay serves it
     data["index_sha256"] = index_sha256 or config.data.index_sha256
     for key in ("source", "json_source"):
         if data[key] is not None and not _is_shared_location(data[key]):
@@ -55,6 +65,14 @@ def public_config(config: Config, index_sha256: str | None = None) -> dict[str, 
 
 def _is_shared_location(location: str) -> bool:
     return location.startswith(("builtin:", "http://", "https://"))
+
+
+def public_base_model(identity: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA base model's identity as a relay serves it: a folder on this machine's disk is not named."""
+    model = identity.get("model")
+    if isinstance(model, str) and not _is_shared_model(model):
+        return {**identity, "model": "a folder on the relay's disk"}
+    return identity
 
 
 def _is_shared_model(model: str) -> bool:
@@ -76,8 +94,15 @@ def config_answer(config: Config, index_sha256: str | None = None,
     base refuses to train)."""
     answer = {"protocol": PROTOCOL, "version": __version__, "config": public_config(config, index_sha256)}
     if lora_base is not None:
-        answer["base_model"] = lora_base.to_json()
+        answer["base_model"] = public_base_model(lora_base.to_json())
     return answer
+
+
+def public_training(training: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A node's training mode (node.training_mode) as a relay serves it: the base model's folder not named."""
+    if not training or not isinstance(training.get("base_model"), dict):
+        return training
+    return {**training, "base_model": public_base_model(training["base_model"])}
 
 
 def peers_answer(visible_maddrs: list[str]) -> dict[str, Any]:
@@ -135,6 +160,7 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
     config = config_data.get("config")
     if not isinstance(config, dict):
         raise ExchangeError(f"relay {url} sent no training config in {CONFIG_PATH}")
+    check_relay_config(config, url)
     if "model" in (local_overrides or {}) and "model" in config:
         raise ExchangeError(f"the swarm at {url} trains {config['model']}: a joiner cannot choose another model "
                             "(model is a joiner's own only when the swarm's is a folder on its mother's disk)")
@@ -167,6 +193,86 @@ def fetch_join_info(address: str, local_overrides: dict[str, Any] | None = None,
         except ValueError as exc:
             raise ExchangeError(f"{exc}: a LoRA swarm's relay names its base model") from None
     return JoinInfo(base_url=url, config=parsed, peers=peers, base_model=base_model)
+
+
+def check_relay_config(config: dict[str, Any], url: str) -> None:
+    """Refuse a relay's config that reaches past the swarm's recipe: a section that is not a mapping, a key that is
+    each node's own, a model that is not a hub id or builtin, a data location on this machine or inside its network
+    (the relay's own host is allowed: a joiner already talks to it)."""
+    for section in SECTIONS:
+        if section in config and not isinstance(config[section], dict):
+            raise ExchangeError(
+                f"relay {url} sent '{section}' as {type(config[section]).__name__} ({_short(config[section])}): a "
+                "section of the config is a mapping of keys to values; this relay is broken or not an sdswarm relay")
+    local = _local_keys(config)
+    if local:
+        raise ExchangeError(
+            f"relay {url} sent {', '.join(local)}: each node sets these for itself (its folders, disk budget, device, "
+            "workers, checkpoint cadence), so a relay never sends them and this node does not take them from one; "
+            "join through another relay")
+    model = config.get("model")
+    if model is not None and not (isinstance(model, str) and _is_shared_model(model)):
+        raise ExchangeError(
+            f"relay {url} names the model {_short(model)}: a relay names a hub id or builtin:tiny, never a path on "
+            "this machine; if the swarm trains a local folder, give this node its own copy with --set model=DIR")
+    relay_host = _normal_host(urlsplit(url).hostname or "")
+    data = config.get("data", {})
+    for key in ("source", "json_source"):
+        location = data.get(key)
+        if not isinstance(location, str) or location.startswith("builtin:"):
+            continue  # the schema names a wrong type; builtin: names data every node makes for itself
+        if not location.startswith(("http://", "https://")):
+            raise ExchangeError(
+                f"relay {url} sent data.{key} {_short(location)}: a relay names shared data (an http(s) URL or "
+                f"builtin:), never a path on this machine; give this node its own copy with --set data.{key}=DIR")
+        host = _normal_host(urlsplit(location).hostname or "")
+        if host != relay_host and not _is_public_host(host):
+            raise ExchangeError(
+                f"relay {url} sent data.{key} {_short(location)}: {host or 'no host'} is not a public host (loopback, "
+                "private network, link-local or a local name), and a relay may only point this node at the public "
+                "internet or at its own host; if the data really lives there, give it with --set data.source=URL")
+
+
+def _local_keys(config: dict[str, Any]) -> list[str]:
+    found = []
+    for section, keys in LOCAL_KEYS.items():
+        if keys is True:
+            found += [section] if section in config else []
+        else:
+            found += [f"{section}.{key}" for key in sorted(keys) if key in config.get(section, {})]
+    return found
+
+
+def _as_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names literally, in any form a resolver takes (127.1, 0x7f000001 and 2130706433 are
+    127.0.0.1 to getaddrinfo)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _normal_host(host: str) -> str:
+    ip = _as_ip(host)
+    return str(ip) if ip is not None else host.lower().rstrip(".")
+
+
+def _is_public_host(host: str) -> bool:
+    ip = _as_ip(host)
+    if ip is not None:
+        return ip.is_global and not ip.is_multicast
+    return "." in host and host != "localhost" and not host.endswith(_LOCAL_NAME_SUFFIXES)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def fetch_peers(address: str, timeout: float = 5.0) -> list[str]:
@@ -207,3 +313,5 @@ async def _get_json(url: str, timeout: float) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ExchangeError(f"relay answered {url} with something that is not JSON: {body[:80]!r}") from None
+    except RecursionError:  # a few KB of [[[[... : no honest answer is nested that deep
+        raise ExchangeError(f"relay answered {url} with JSON nested too deeply to read") from None

@@ -10,6 +10,7 @@ The file holds no secret: the peer's private key lives in its own file (`identit
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sdswarm.atomic import write_atomic
 from sdswarm.config import ConfigError, CrossKeyError, describe_errors, error_keys
 
-Port = Annotated[int, Field(ge=0, le=65535, description="0 lets the system pick a free port")]
+# strict: a port is a whole number, never true (which pydantic would read as 1), "80" or 80.0
+Port = Annotated[int, Field(ge=0, le=65535, strict=True, description="0 lets the system pick a free port")]
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 SETTINGS_FILE = "node.yaml"
 IDENTITY_FILE = "identity.key"
 
@@ -34,6 +37,9 @@ class NodeSettings(BaseModel):
     ie_port_external: Port | None = Field(None, description="announced I.E port; default: the internal one")
     dht_port_internal: Port = 31337
     dht_port_external: Port | None = Field(None, description="announced DHT port; default: the internal one")
+    public_downloads: bool = Field(False, strict=True, description="anyone who reaches the UI may download the "
+                                   "checkpoints' models (not their training state): one such download at a time, each "
+                                   "address once per 10 minutes; off: downloads need the admin token")
 
     @field_validator("public_address")
     @classmethod
@@ -43,11 +49,18 @@ class NodeSettings(BaseModel):
         value = value.strip()
         try:
             ipaddress.ip_address(value)
+            return value
         except ValueError:
-            labels = value.rstrip(".").split(".")
-            if not all(label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels):
-                raise ValueError("must be an IPv4/IPv6 address or a domain name such as node.example.org") from None
-        return value
+            pass
+        message = "must be an IPv4/IPv6 address or a domain name such as node.example.org"
+        try:  # a name in another script is kept in its ASCII (IDNA) form, the one DNS and multiaddrs carry
+            name = value.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(message) from None
+        labels = name.rstrip(".").split(".")
+        if len(name) > 253 or labels[-1].isdigit() or not all(_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(message + " (letters, digits and '-' in dot-separated parts)")
+        return name
 
     @field_validator("listen_host")
     @classmethod

@@ -14,11 +14,17 @@ untouched. Every answer goes through `Redactor`: no local path, no secret leaves
     GET  /api/ui/admin                    admin     200 when the token is right (the page checks it once)
     POST /api/ui/control/{start|stop|checkpoint}  admin
     GET  /api/ui/checkpoints                        complete checkpoints, newest first, with download links
-    GET  /api/ui/checkpoints/{name}/zip[?state=1]   the folder as a zip built on the fly (config.yaml left out)
-    GET  /api/ui/checkpoints/{name}/single-file     the original-layout .safetensors export, if one was made
+    GET  /api/ui/checkpoints/{name}/zip[?state=1]   download  the folder as a zip built on the fly (config.yaml left
+                                                              out, local paths taken out of its config files)
+    GET  /api/ui/checkpoints/{name}/single-file     download  the original-layout .safetensors export, if one was made
+    POST /api/ui/checkpoints/{name}/ticket?kind=K   admin     a download link that works for a minute without the
+                                                              token (K: zip, state, single-file), for the page's links
     GET  /api/ui/samples?limit=N                    the latest sample grids
     GET  /api/ui/samples/{name}                     one grid (PNG)
 Admin calls take `Authorization: Bearer TOKEN` or `X-Admin-Token: TOKEN`: 401 without, 403 with a wrong one.
+Downloads need the token too (or a ticket), unless the node's `public_downloads` setting is on: then anyone may
+download a checkpoint's model (not its training state), one public download at a time, each address once per
+PUBLIC_DOWNLOAD_INTERVAL. Bad input is a 400 naming what was wrong, never a 500.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
 import math
 import time
@@ -46,8 +55,13 @@ log = logging.getLogger(__name__)
 
 API = "/api/ui"
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_BODY = 64 * 1024  # a settings change is a few hundred bytes
-MAX_DOWNLOADS = 2  # zips built at once: each reads a checkpoint from disk at full speed
+MAX_BODY = 64 * 1024  # a settings change is a few hundred bytes; chunked or not, no body is read past this
+BODY_TIMEOUT = 20.0  # seconds to send that body
+MAX_DOWNLOADS = 2  # downloads at once: each reads a checkpoint from disk at full speed and uses the node's upload
+MAX_PUBLIC_DOWNLOADS = 1  # of those, without the admin token (public_downloads): the admin always has a slot
+PUBLIC_DOWNLOAD_INTERVAL = 600.0  # seconds between two public downloads from one address
+TICKET_SECONDS = 60.0  # how long a download ticket works
+DOWNLOAD_KINDS = ("zip", "state", "single-file")
 CONTROL_WAIT = 2.0  # seconds a control call is awaited before the answer says "accepted"
 SNAPSHOT_TTL = 1.0  # seconds a status or history answer is shared between requests
 SWARM_HISTORY = 20_000  # swarm samples kept in memory (over a day at one per 5 s)
@@ -90,16 +104,18 @@ class NodeAccess(Protocol):
 
 
 def create_app(node: NodeAccess, *, admin_token: str, swarm_period: float = 5.0,
-               private_paths: tuple[Path, ...] = ()) -> web.Application:
+               private_paths: tuple[Path, ...] = (), public_downloads: bool = False) -> web.Application:
     """The UI's routes on an app of their own (HttpServer(..., app=) adds the I.E routes to it).
 
     `swarm_period`: how often the swarm's mean loss is sampled for the chart (peers publish every 5 s).
     `private_paths`: folders outside the output folder whose names must not show (a data folder, a cache).
+    `public_downloads`: checkpoints' models may be downloaded without the admin token (rate-limited).
     """
     if len(admin_token) < 16:
         raise ValueError("the admin token must be at least 16 characters (see web.auth.load_or_create_token)")
-    app = web.Application(client_max_size=1 << 20, middlewares=[_json_errors])
-    ui = _UI(node, admin_token, Redactor(node.output_dir, secrets=[admin_token], private_paths=private_paths))
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
+    ui = _UI(node, admin_token, Redactor(node.output_dir, secrets=[admin_token], private_paths=private_paths),
+             public_downloads=public_downloads)
     app.add_routes([
         web.get("/", ui.index),
         web.get(f"{API}/status", ui.status),
@@ -112,6 +128,7 @@ def create_app(node: NodeAccess, *, admin_token: str, swarm_period: float = 5.0,
         web.get(f"{API}/checkpoints", ui.checkpoints),
         web.get(API + "/checkpoints/{name}/zip", ui.checkpoint_zip),
         web.get(API + "/checkpoints/{name}/single-file", ui.checkpoint_single_file),
+        web.post(API + "/checkpoints/{name}/ticket", ui.admin(ui.download_ticket)),
         web.get(f"{API}/samples", ui.samples),
         web.get(API + "/samples/{name}", ui.sample),
         web.static("/static", STATIC_DIR, follow_symlinks=False, show_index=False),
@@ -134,10 +151,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _UI:
-    def __init__(self, node: NodeAccess, admin_token: str, redact: Redactor) -> None:
+    def __init__(self, node: NodeAccess, admin_token: str, redact: Redactor, *, public_downloads: bool) -> None:
         self.node, self.token, self.redact = node, admin_token, redact
+        self.public_downloads = public_downloads
         self.swarm_history: collections.deque[dict] = collections.deque(maxlen=SWARM_HISTORY)
         self.zips = ZipDownloads(redact)
+        self.downloading = {"admin": 0, "public": 0}
+        self._public_starts: dict[str, float] = {}  # client address -> when its last public download started
         self._snapshots: dict[str, tuple[float, Any]] = {}
         self._snapshot_locks = {"status": asyncio.Lock(), "history": asyncio.Lock()}
         self._checkpoint_listing: tuple[tuple | None, list[dict]] = (None, [])  # (files.checkpoints_version, answer)
@@ -221,8 +241,11 @@ class _UI:
         if request.content_length is not None and request.content_length > MAX_BODY:
             return self.error(413, f"settings change too large (over {MAX_BODY} bytes)")
         try:
-            changes = await request.json()
-        except ValueError:
+            # read() stops at the app's client_max_size (MAX_BODY) for a chunked body too: a 413
+            changes = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
+        except TimeoutError:
+            return self.error(408, f"the settings change did not arrive within {BODY_TIMEOUT:g} s")
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than any settings change
             return self.error(400, "send the changes as a JSON object, e.g. {\"mode\": \"relay\"}")
         if not isinstance(changes, dict) or not changes:
             return self.error(400, "send the changes as a non-empty JSON object, e.g. {\"mode\": \"relay\"}")
@@ -267,34 +290,121 @@ class _UI:
                     "name": c.name, "step": c.step, "time": c.time,
                     "model_bytes": files.folder_size(c, with_state=False),
                     "state_bytes": _size(c.path / files.STATE_FILE),
-                    "zip": f"{base}/zip", "zip_with_state": f"{base}/zip?state=1",
+                    "zip": f"{base}/zip", "zip_with_state": f"{base}/zip?state=1", "ticket": f"{base}/ticket",
                     "single_file": f"{base}/single-file" if c.single_file else None,
                     "single_file_bytes": _size(c.single_file) if c.single_file else None,
                 })
             return answer
 
-        return self.json({"checkpoints": await asyncio.to_thread(listing)})
+        return self.json({"checkpoints": await asyncio.to_thread(listing), "public_downloads": self.public_downloads})
 
     async def checkpoint_zip(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        with_state = request.query.get("state", "0").lower() in ("1", "true", "yes")
+        kind = "state" if with_state else "zip"
         checkpoint = await asyncio.to_thread(files.find_checkpoint, self.node.output_dir, name)
         if checkpoint is None:
             return self.error(404, "no such checkpoint (see /api/ui/checkpoints)")
-        with_state = request.query.get("state", "0").lower() in ("1", "true", "yes")
+        who = self.download_access(request, kind, name)
+        if isinstance(who, web.Response):
+            return who
         entries = await asyncio.to_thread(checkpoint.files, with_state=with_state)
-        if self.zips.running >= MAX_DOWNLOADS:
-            response = self.error(503, f"{MAX_DOWNLOADS} downloads are running; try again in a minute")
-            response.headers["Retry-After"] = "60"
-            return response
-        return await self.zips.stream(request, f"{checkpoint.name}{'' if with_state else '-model'}.zip", entries)
+        with self.download_slot(request, who) as refused:
+            if refused is not None:
+                return refused
+            return await self.zips.stream(request, f"{checkpoint.name}{'' if with_state else '-model'}.zip", entries)
 
     async def checkpoint_single_file(self, request: web.Request) -> web.StreamResponse:
-        checkpoint = await asyncio.to_thread(files.find_checkpoint, self.node.output_dir, request.match_info["name"])
+        name = request.match_info["name"]
+        checkpoint = await asyncio.to_thread(files.find_checkpoint, self.node.output_dir, name)
         if checkpoint is None or checkpoint.single_file is None:
             return self.error(404, "no single-file export of this checkpoint (see /api/ui/checkpoints)")
-        return web.FileResponse(checkpoint.single_file, headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Disposition": f'attachment; filename="{checkpoint.name}.safetensors"'})
+        who = self.download_access(request, "single-file", name)
+        if isinstance(who, web.Response):
+            return who
+        with self.download_slot(request, who) as refused:
+            if refused is not None:
+                return refused
+            response = web.FileResponse(checkpoint.single_file, headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": f'attachment; filename="{checkpoint.name}.safetensors"'})
+            with contextlib.suppress(ConnectionError):  # sent here, so that the slot is held while it is sent
+                await response.prepare(request)
+            return response
+
+    async def download_ticket(self, request: web.Request) -> web.Response:
+        """A link to one download that works for TICKET_SECONDS without the token: the page's download links are
+        plain links (a 12 GB zip cannot go through a script), and a link cannot carry an Authorization header."""
+        name, kind = request.match_info["name"], request.query.get("kind", "zip")
+        if kind not in DOWNLOAD_KINDS:
+            return self.error(400, f"'kind' must be one of {', '.join(DOWNLOAD_KINDS)}, got {kind[:40]!r}")
+        if await asyncio.to_thread(files.find_checkpoint, self.node.output_dir, name) is None:
+            return self.error(404, "no such checkpoint (see /api/ui/checkpoints)")
+        expires = int(time.time() + TICKET_SECONDS)
+        path = f"{API}/checkpoints/{name}/" + ("single-file?" if kind == "single-file" else
+                                                "zip?state=1&" if kind == "state" else "zip?")
+        return self.json({"url": f"{path}ticket={expires}-{self._ticket_mac(kind, name, expires)}",
+                          "expires": expires})
+
+    def _ticket_mac(self, kind: str, name: str, expires: int) -> str:
+        message = f"sdswarm-download:{kind}:{name}:{expires}".encode()
+        return hmac.new(self.token.encode("utf-8"), message, hashlib.sha256).hexdigest()[:40]
+
+    def _ticket_valid(self, ticket: str, kind: str, name: str) -> bool:
+        expires, _, mac = ticket.partition("-")
+        if not expires.isdigit() or len(expires) > 12 or not 0 <= int(expires) - time.time() <= TICKET_SECONDS + 1:
+            return False
+        return hmac.compare_digest(mac.encode("ascii", "replace"), self._ticket_mac(kind, name, int(expires)).encode())
+
+    def download_access(self, request: web.Request, kind: str, name: str) -> str | web.Response:
+        """'admin' (the token, or a ticket for this very download), 'public' (public_downloads, a model), or the
+        answer refusing the download."""
+        given = token_from_headers(request.headers)
+        if given is not None:
+            return "admin" if token_matches(given, self.token) else self.error(403, "wrong admin token")
+        ticket = request.query.get("ticket")
+        if ticket is not None:
+            if self._ticket_valid(ticket, kind, name):
+                return "admin"
+            return self.error(403, "this download link has expired or is not for this file: download it again from "
+                                   "the page")
+        if self.public_downloads and kind != "state":
+            return "public"
+        what = "a checkpoint's training state" if kind == "state" else "checkpoints"
+        response = self.error(401, f"downloading {what} needs the admin token: send it as 'Authorization: Bearer "
+                                   "TOKEN', or use the page's links after giving it the token"
+                                   + ("" if kind == "state" else "; a node may let anyone download its models with "
+                                      "the setting public_downloads: true"))
+        response.headers["WWW-Authenticate"] = 'Bearer realm="sdswarm"'
+        return response
+
+    @contextlib.contextmanager
+    def download_slot(self, request: web.Request, who: str):
+        """Hold one of the MAX_DOWNLOADS slots while a download runs; yields None, or the answer refusing it (all
+        slots busy; a public one beyond MAX_PUBLIC_DOWNLOADS or too soon after this address's last)."""
+        now = time.monotonic()
+        address = request.remote or "?"
+        refused = None
+        if sum(self.downloading.values()) >= MAX_DOWNLOADS or (
+                who == "public" and self.downloading["public"] >= MAX_PUBLIC_DOWNLOADS):
+            refused = self.error(503, f"{MAX_DOWNLOADS} downloads are running; try again in a minute")
+            refused.headers["Retry-After"] = "60"
+        elif who == "public" and now - self._public_starts.get(address, -math.inf) < PUBLIC_DOWNLOAD_INTERVAL:
+            wait = PUBLIC_DOWNLOAD_INTERVAL - (now - self._public_starts[address])
+            refused = self.error(429, f"one public download per {PUBLIC_DOWNLOAD_INTERVAL / 60:g} minutes from one "
+                                      f"address: try again in {wait / 60:.0f} minutes")
+            refused.headers["Retry-After"] = str(math.ceil(wait))
+        if refused is not None:
+            yield refused
+            return
+        if who == "public":
+            self._public_starts = {a: t for a, t in self._public_starts.items() if now - t < PUBLIC_DOWNLOAD_INTERVAL}
+            self._public_starts[address] = now
+        self.downloading[who] += 1
+        try:
+            yield None
+        finally:
+            self.downloading[who] -= 1
 
     async def samples(self, request: web.Request) -> web.Response:
         limit = _query_number(request, "limit", 4, int, 1, 50)

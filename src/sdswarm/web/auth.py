@@ -42,7 +42,8 @@ def token_matches(given: str | None, expected: str) -> bool:
     """Constant-time: the answer's timing says nothing about how much of a guess was right."""
     if not given:
         return False
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    # surrogateescape: aiohttp hands on a header's bytes that are not UTF-8 as surrogates; they never match
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
 
 
 def token_from_headers(headers) -> str | None:

@@ -29,10 +29,6 @@ class ZipDownloads:
         self.redact = redact
         self._running: dict[int, tuple[web.Request, asyncio.Event]] = {}
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
     async def stream(self, request: web.Request, filename: str, entries: list[tuple[Path, str]]) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "application/zip", "Content-Disposition": f'attachment; filename="{filename}"'})
@@ -44,10 +40,10 @@ class ZipDownloads:
                 raise ConnectionResetError("download abandoned")
             asyncio.run_coroutine_threadsafe(response.write(data), loop).result(timeout=PIECE_TIMEOUT)
 
-        self._running[id(gone)] = (request, gone)  # counted from here: `running` is checked before this call
+        self._running[id(gone)] = (request, gone)  # cut off by end_all at shutdown
         try:
             await response.prepare(request)
-            await _in_daemon_thread(write_zip, entries, send)
+            await _in_daemon_thread(write_zip, entries, send, self.redact)
         except asyncio.CancelledError:
             gone.set()  # the thread stops at its next piece instead of writing to a closed response
             raise

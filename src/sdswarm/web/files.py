@@ -10,12 +10,14 @@ The layout is the one train/checkpoint.py and train/samples.py write:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdswarm.train.checkpoint import CHECKPOINT_NAME, CONFIG_FILE, STATE_FILE
 
@@ -23,6 +25,12 @@ SAMPLE_NAME = re.compile(r"^step_(\d{8,})\.png$")
 # left out of every download: the checkpoint's config.yaml names this machine's folders (output, data source)
 PRIVATE_FILES = {CONFIG_FILE}
 CHUNK = 1 << 20
+# the parts' config files (unet/config.json, text_encoder/config.json, adapter_config.json, model_index.json...)
+# record where the model was loaded from: `_name_or_path` is left out of the zip, other strings go through the
+# redactor, as everything else the UI sends
+MODEL_CONFIG = re.compile(r"(^|/)(model_index|[\w.-]*config)\.json$")
+NAME_KEYS = ("_name_or_path", "name_or_path")
+MAX_MODEL_CONFIG = 1 << 20  # config files are a few KB; anything larger is sent as it is
 
 
 @dataclass(frozen=True)
@@ -133,19 +141,34 @@ class _Sink:
             self.buffer.clear()
 
 
-def write_zip(files: list[tuple[Path, str]], send: Callable[[bytes], None]) -> None:
+def write_zip(files: list[tuple[Path, str]], send: Callable[[bytes], None],
+              redact: Callable[[Any], Any] | None = None) -> None:
     """Stream a zip of `files` through `send`. Stored, not deflated: weights do not compress, and the
-    zip is built as fast as the disk reads."""
+    zip is built as fast as the disk reads. With `redact`, the model config files leave without local paths."""
     sink = _Sink(send)
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for path, arcname in files:
             # knows the size (zip64 only where needed); a pre-1980 mtime is clamped, not an error
             info = zipfile.ZipInfo.from_file(path, arcname, strict_timestamps=False)
             info.compress_type = zipfile.ZIP_STORED
+            if redact is not None and MODEL_CONFIG.search(arcname) and info.file_size <= MAX_MODEL_CONFIG:
+                archive.writestr(info, redacted_model_config(path.read_bytes(), redact))
+                continue
             with open(path, "rb") as source, archive.open(info, "w") as target:
                 for piece in _read(source):
                     target.write(piece)
     sink.flush()
+
+
+def redacted_model_config(data: bytes, redact: Callable[[Any], Any]) -> bytes:
+    """A model config file without `_name_or_path` (where the model was loaded from) and with no local path."""
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError):
+        return data  # not JSON: not a config file the libraries wrote
+    if isinstance(config, dict):
+        config = {key: value for key, value in config.items() if key not in NAME_KEYS}
+    return (json.dumps(redact(config), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _read(handle) -> Iterator[bytes]:

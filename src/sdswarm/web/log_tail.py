@@ -6,6 +6,8 @@ import contextlib
 import logging
 from collections import deque
 
+TRACEBACK = "Traceback (most recent call last):"
+
 
 class LogTail(logging.Handler):
     """The last lines of this node's log, kept in memory for its UI."""
@@ -16,8 +18,15 @@ class LogTail(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        # the tail is public (the UI's log panel): a traceback (local paths, code) stays in node.log
         with contextlib.suppress(Exception):
-            self.lines.append(self.format(record))
+            message = record.getMessage()
+            public = message.split(TRACEBACK)[0].rstrip()
+            if record.exc_info or record.stack_info or public != message.rstrip():
+                public += " (traceback in node.log)"
+            self.lines.append(self.format(logging.makeLogRecord({
+                **record.__dict__, "msg": public, "args": None, "exc_info": None, "exc_text": None,
+                "stack_info": None})))
 
     @contextlib.contextmanager
     def attached(self):

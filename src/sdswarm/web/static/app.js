@@ -159,6 +159,26 @@ function safeLink(href, text) {
   return el("a", text, { href, download: "" });
 }
 
+// Downloads need the admin token (unless the node made its models public): a plain link cannot send it, so a click
+// asks the node for a one-minute link to this one file and follows it
+function downloadLink(checkpoint, href, kind, text, open) {
+  const link = safeLink(href, text);
+  const ticket = checkpoint.ticket;
+  if (open || link.tagName !== "A" || typeof ticket !== "string" || !ticket.startsWith(`${API}/`)) return link;
+  link.addEventListener("click", async (event) => {
+    event.preventDefault();
+    const answer = await adminCall(`${ticket}?kind=${encodeURIComponent(kind)}`);
+    if (answer.cancelled) return;
+    const url = answer.body.url;
+    if (!answer.ok || typeof url !== "string" || !url.startsWith(`${API}/`)) {
+      notice(answer.body.error || "The node refused the download.", "error");
+      return;
+    }
+    location.assign(url);
+  });
+  return link;
+}
+
 function notice(text, kind) {
   const box = $("notice");
   box.textContent = text;
@@ -278,15 +298,19 @@ function renderData(data) {
   fillTable($("data").tBodies[0], rows, "No data counters yet.", 2);
 }
 
-function renderCheckpoints(list) {
-  const key = JSON.stringify(list.map((c) => [c.name, c.single_file]));
+function renderCheckpoints(list, publicDownloads) {
+  const key = JSON.stringify([publicDownloads, list.map((c) => [c.name, c.single_file])]);
   if (key === state.checkpoints) return;
   state.checkpoints = key;
   const now = Date.now() / 1000;
   fillTable($("checkpoints").tBodies[0], list.map((c) => {
     const links = el("span", null, { class: "links" });
-    links.append(safeLink(c.zip, "model .zip"), safeLink(c.zip_with_state, `+ state (${bytes(c.state_bytes)})`));
-    if (c.single_file) links.append(safeLink(c.single_file, `.safetensors (${bytes(c.single_file_bytes)})`));
+    links.append(downloadLink(c, c.zip, "zip", "model .zip", publicDownloads),
+      downloadLink(c, c.zip_with_state, "state", `+ state (${bytes(c.state_bytes)})`, false));
+    if (c.single_file) {
+      links.append(downloadLink(c, c.single_file, "single-file", `.safetensors (${bytes(c.single_file_bytes)})`,
+        publicDownloads));
+    }
     return row([c.name, ago(now - c.time), bytes(c.model_bytes), links], [null, null, "num", null]);
   }), "No checkpoint yet.", 4);
 }
@@ -401,7 +425,7 @@ async function poll() {
     getJSON(`${API}/status`).then(renderStatus),
     pollHistory(),
     getJSON(`${API}/log?lines=200`).then((a) => renderLog(a.lines)),
-    getJSON(`${API}/checkpoints`).then((a) => renderCheckpoints(a.checkpoints)),
+    getJSON(`${API}/checkpoints`).then((a) => renderCheckpoints(a.checkpoints, a.public_downloads)),
     getJSON(`${API}/samples?limit=4`).then((a) => renderSamples(a.samples)),
   ];
   const results = await Promise.allSettled(jobs);
