@@ -28,7 +28,7 @@ from pathlib import Path
 from swarm_traffic import read_counters, sh
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBNET, HUB = "10.214.0", "sddhub"
+SUBNET = "10.214.0"
 IE_PORT, DHT_PORT = 8765, 31337
 VARIANTS = {
     "fp16": {"swarm.sync": "every_step", "swarm.compression": "fp16"},
@@ -40,27 +40,34 @@ VARIANTS = {
 
 
 class Bridge:
-    """Namespaces sdd1..sdd3 (peers) with veth pairs into a bridge in namespace `sddhub`, each side capped."""
+    """Namespaces sdd1..sdd3 (peers) with veth pairs into a bridge in namespace `sddhub`, each side capped
+    (another `prefix` and `subnet` for another bench beside this one; `caps`: one peer's own cap, by index)."""
 
-    def __init__(self, peers: int, cap: str) -> None:
-        self.names = [f"sdd{i}" for i in range(1, peers + 1)]
-        self.cap = cap
+    def __init__(self, peers: int, cap: str, *, prefix: str = "sdd", subnet: str = SUBNET,
+                 caps: dict[int, str] | None = None) -> None:
+        self.names = [f"{prefix}{i}" for i in range(1, peers + 1)]
+        self.hub, self.subnet, self.cap, self.caps = f"{prefix}hub", subnet, cap, caps or {}
+
+    def address(self, index: int) -> str:
+        """The IP address of peer `index` (1-based)."""
+        return f"{self.subnet}.{index}"
 
     def __enter__(self) -> Bridge:
+        hub = self.hub
         try:
-            for ns in [HUB, *self.names]:
+            for ns in [hub, *self.names]:
                 sh("ip", "netns", "add", ns)
                 sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", HUB, "link", "add", "br0", "type", "bridge")
-            sh("ip", "-n", HUB, "link", "set", "br0", "up")
+            sh("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", hub, "link", "set", "br0", "up")
             for i, ns in enumerate(self.names, start=1):
-                sh("ip", "link", "add", ns, "netns", ns, "type", "veth", "peer", "name", f"h{ns}", "netns", HUB)
-                sh("ip", "-n", HUB, "link", "set", f"h{ns}", "master", "br0", "up")
-                sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}/24", "dev", ns)
+                sh("ip", "link", "add", ns, "netns", ns, "type", "veth", "peer", "name", f"h{ns}", "netns", hub)
+                sh("ip", "-n", hub, "link", "set", f"h{ns}", "master", "br0", "up")
+                sh("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", ns)
                 sh("ip", "-n", ns, "link", "set", ns, "up")
-                for where, dev in ((ns, ns), (HUB, f"h{ns}")):  # the peer's upload and its download
+                for where, dev in ((ns, ns), (hub, f"h{ns}")):  # the peer's upload and its download
                     sh("ip", "netns", "exec", where, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
-                       self.cap, "burst", "32kbit", "latency", "400ms")
+                       self.caps.get(i, self.cap), "burst", "32kbit", "latency", "400ms")
         except BaseException:
             self.close()
             raise
@@ -70,7 +77,7 @@ class Bridge:
         self.close()
 
     def close(self) -> None:
-        for ns in [*self.names, HUB]:
+        for ns in [*self.names, self.hub]:
             for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():  # only what this script started
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)

@@ -54,43 +54,80 @@ def sd15_parts(device: str = "meta"):
         return UNet2DConditionModel(**SD15_UNET), CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
 
 
-def count_sizes() -> dict[str, int]:
-    """Trainable parameters of SD 1.5 (UNet + text encoder) for each rank, and for the full fine-tune."""
+def count_sizes() -> tuple[dict[str, list], object]:
+    """The trainable tensors of SD 1.5 (UNet + text encoder, on the meta device) for each rank and for the full
+    fine-tune; and the LoRA config's swarm settings."""
     from sdswarm.config import LoraConfig, load_config
     from sdswarm.model.loading import SDComponents
     from sdswarm.model.lora import add_adapters
 
-    lora = load_config(ROOT / "configs" / "sd_1-5-lora.yaml").train.lora
+    config = load_config(ROOT / "configs" / "sd_1-5-lora.yaml")
     unet, text = sd15_parts()
-    sizes = {"full": sum(p.numel() for m in (unet, text) for p in m.parameters())}
+    sizes = {"full": [p for m in (unet, text) for p in m.parameters()]}
     for rank in RANKS:
         unet, text = sd15_parts()
         components = SDComponents(unet=unet, vae=None, text_encoder=text, tokenizer=None, noise_scheduler=None)
-        settings = LoraConfig(**{**lora.model_dump(), "rank": rank, "alpha": None})
-        sizes[f"LoRA rank {rank}"] = sum(p.numel() for p in add_adapters(components, settings, text_encoder=True,
-                                                                         seed=0))
-    return sizes
+        settings = LoraConfig(**{**config.train.lora.model_dump(), "rank": rank, "alpha": None})
+        sizes[f"LoRA rank {rank}"] = add_adapters(components, settings, text_encoder=True, seed=0)
+    return sizes, config.swarm
 
 
-def report_sizes(sizes: dict[str, int], wire_ratio: float) -> str:
-    full = sizes["full"]
-    lines = [f"SD 1.5 UNet + text encoder; per swarm step a peer sends {wire_ratio:g} x the fp32 trainables "
-             "(bench/swarm_traffic.py, fp16); late joiner and checkpoint: 12 bytes per trainable parameter",
-             f"{'':<14} {'trainable':>13} {'vs full':>8} {'per step':>10} {'join':>10} {'adapters':>9} "
-             f"{'checkpoint':>11}   "
+def lora_checkpoint_bytes(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+    """(adapter file, training state) bytes of a LoRA checkpoint with adapters of these shapes, written as
+    train/checkpoint.py writes them: the adapters in fp16 (safetensors), the training state compact
+    (train/compact_state.py: AdamW's moments in blockwise fp8) with torch.save. Random values: the sizes do not
+    depend on them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdswarm.train.compact_state import compact
+
+    adapters = {f"adapter.{i}.weight": torch.randn(shape).half() for i, shape in enumerate(shapes)}
+    moments = {i: {"step": torch.tensor(100.0), "exp_avg": torch.randn(shape) * 1e-4,
+                   "exp_avg_sq": torch.rand(shape) * 1e-8} for i, shape in enumerate(shapes)}
+    state = {"progress": {"step": 100}, "optimizer": {"state": moments, "param_groups": [{"params": list(moments)}]},
+             "scaler": {}, "ema": None, "rng": {"noise": torch.zeros(5056, dtype=torch.uint8)}}
+    with tempfile.TemporaryDirectory(prefix="sdswarm-lora-size-") as folder:
+        save_file(adapters, f"{folder}/adapters.safetensors")
+        torch.save(compact(state), f"{folder}/training_state.pt")
+        return (os.path.getsize(f"{folder}/adapters.safetensors"), os.path.getsize(f"{folder}/training_state.pt"))
+
+
+def report_sizes(sizes: dict[str, list], swarm, wire_ratio: float | None) -> str:
+    """The table: per trainable parameter, what a swarm step sends (2 peers), what a late joiner downloads and what a
+    checkpoint holds, and the time each takes on a home link."""
+    from sdswarm.swarm.costs import NetworkCosts
+    from sdswarm.swarm.optimizer import COMPRESSIONS, compression_name, state_compression
+
+    codec = compression_name(swarm)
+    counts = {name: sum(p.numel() for p in params) for name, params in sizes.items()}
+    costs = {name: NetworkCosts.of(params, swarm, codec, COMPRESSIONS[codec](), state_compression())
+             for name, params in sizes.items()}
+    full, r32 = counts["full"], counts["LoRA rank 32"]
+    computed = costs["LoRA rank 32"].step_bytes(2) / (4 * r32)
+    ratio = computed if wire_ratio is None else wire_ratio
+    adapter_file, state_file = lora_checkpoint_bytes([tuple(p.shape) for p in sizes["LoRA rank 32"]])
+    per_param = (adapter_file + state_file) / r32  # measured at rank 32, for every rank
+    lines = [f"SD 1.5 UNet + text encoder (configs/sd_1-5-lora.yaml: swarm.sync {swarm.sync}, {codec}, "
+             f"average_state_every {swarm.average_state_every})",
+             f"per swarm step a peer of 2 sends {ratio:.3f} x the fp32 trainables ("
+             + ("computed by swarm/costs.py" if wire_ratio is None else
+                f"measured with bench/swarm_traffic.py; swarm/costs.py computes {computed:.3f}")
+             + "; a large swarm: up to 2x that)",
+             "late joiner: the state download swarm/costs.py computes (weights fp16, AdamW's moments 8-bit); "
+             f"checkpoint: LoRA {per_param:.2f} bytes per adapter parameter (written at rank 32: fp16 adapters "
+             f"{mb(adapter_file)}, training state {mb(state_file)}); full: the fp32 pipeline + AdamW's fp32 moments",
+             f"{'':<14} {'trainable':>13} {'vs full':>8} {'per step':>10} {'join':>10} {'checkpoint':>11}   "
              + "   ".join(f"{'step / join @' + str(m) + ' Mbit/s':>24}" for m in LINKS_MBIT)]
-    for name, count in sizes.items():
-        step, join = wire_ratio * 4 * count, 12 * count
-        checkpoint = 12 * count if name != "full" else 12 * count + 4 * 83_653_863  # + the VAE in the pipeline
+    for name, count in counts.items():
+        step, join = ratio * 4 * count, costs[name].download_bytes
+        checkpoint = per_param * count if name != "full" else 12 * count + 4 * 83_653_863  # + the VAE in the pipeline
         times = "   ".join(f"{duration(step, m):>11} / {duration(join, m):>10}" for m in LINKS_MBIT)
-        adapters = mb(4 * count) if name != "full" else "-"
-        lines.append(f"{name:<14} {count:>13,} {count / full:>7.2%} {mb(step):>10} {mb(join):>10} {adapters:>9} "
+        lines.append(f"{name:<14} {count:>13,} {count / full:>7.2%} {mb(step):>10} {mb(join):>10} "
                      f"{mb(checkpoint):>11}   {times}")
-    r32 = sizes.get("LoRA rank 32")
-    if r32:
-        lines.append(f"\nrank 32: per-step traffic 1/{full / r32:.0f} of the full fine-tune's (goal <= 1/40), state "
-                     f"download {mb(12 * r32)} (goal <= 250 MB), checkpoint {mb(12 * r32)}: the adapters {mb(4 * r32)} "
-                     f"(fp32; the export) + AdamW's moments {mb(8 * r32)} for an exact resume (goal <= 100 MB)")
+    lines.append(f"\nrank 32: per-step traffic 1/{full / r32:.0f} of the full fine-tune's (goal <= 1/40), state "
+                 f"download {mb(costs['LoRA rank 32'].download_bytes)} (goal <= 250 MB), checkpoint "
+                 f"{mb(per_param * r32)} (goal <= 100 MB; it was {mb(12 * r32)} with fp32 adapters and moments)")
     return "\n".join(lines)
 
 
@@ -218,16 +255,16 @@ def run_memory(folder: Path, steps: int, timeout: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wire-ratio", type=float, default=1.5,
+    parser.add_argument("--wire-ratio", type=float,
                         help="bytes a peer sends per swarm step / fp32 bytes of the trainables, as "
-                             "bench/swarm_traffic.py measures it (default: %(default)s)")
+                             "bench/swarm_traffic.py measures it (default: what swarm/costs.py computes)")
     parser.add_argument("--memory", type=Path, metavar="FOLDER", help="also run the real-size memory check; the SD "
                         "1.5-shaped model is built into FOLDER once (4.3 GB)")
     parser.add_argument("--steps", type=int, default=4, help="--memory: local steps (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=3000.0, help="--memory: seconds (default: %(default)s)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    print(report_sizes(count_sizes(), args.wire_ratio), flush=True)
+    print(report_sizes(*count_sizes(), args.wire_ratio), flush=True)
     if args.memory:
         run_memory(args.memory.resolve(), args.steps, args.timeout)
     return 0

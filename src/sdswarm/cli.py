@@ -257,7 +257,7 @@ def status_lines(view: dict) -> list[str]:
                          + (" - peers have drifted apart" if float(spread) > 1 else "")),
         *([f"training: {_text(describe_training(view['training']), 200)}"] if view.get("training") else []),
         f"{'peer':<16} {'role':<7} {'state':<8} {'address':<22} {'step':>7} {'sw.step':>7} {'loss':>8} "
-        f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters)",
+        f"{'samples/s':>9} {'grad norm':>9}  last rounds (g: gradients, p: parameters, o: outer)",
     ]
     for peer in peers:
         loss, norm = peer.get("loss"), peer.get("grad_norm")
@@ -268,6 +268,15 @@ def status_lines(view: dict) -> list[str]:
             f"{_text(peer.get('address') or '-', 22):<22} {int(peer['step']):>7} {int(peer['local_epoch']):>7} "
             f"{'-' if loss is None else f'{float(loss):.4f}':>8} {float(peer['samples_per_second']):>9.1f} "
             f"{'-' if norm is None else f'{float(norm):.3g}':>9}  {rounds}")
+    refused: dict[str, int] = {}  # sender -> parts refused or clipped in the rounds the peers publish
+    for peer in peers:
+        for entry in peer.get("rounds") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("refused"), dict):
+                for sender, parts in entry["refused"].items():
+                    refused[_text(sender, 128)] = refused.get(_text(sender, 128), 0) + max(int(parts), 0)
+    if refused:
+        lines.append("refused or clipped update parts (x in last rounds), by sender: " + ", ".join(
+            f"{sender} {parts}" for sender, parts in sorted(refused.items(), key=lambda item: -item[1])[:8]))
     return lines
 
 
@@ -275,7 +284,8 @@ def _round_mark(entry: dict) -> str:
     """A round in a few characters: kind, outcome, group size (g3 ok, p2 partial, g! failed, g- alone)."""
     mark = {"complete": "", "partial": "~", "failed": "!", "alone": "-"}.get(entry.get("outcome"), "?")
     kind = str(entry.get("kind", "?"))[:1]
-    return f"{kind}{mark}" if mark in ("!", "-", "?") else f"{kind}{int(entry.get('group_size', 0))}{mark}"
+    mark += "x" if entry.get("refused") else ""  # parts of some peer refused or clipped (swarm/validation.py)
+    return f"{kind}{mark}" if mark[:1] in ("!", "-", "?") else f"{kind}{int(entry.get('group_size', 0))}{mark}"
 
 
 def _text(value: object, width: int) -> str:

@@ -291,7 +291,10 @@ def run_node(
                         role="mother" if role == "mother" else settings.mode, cleanup=cleanup,
                         state=lambda: controls.state, health=health, remember_in=config.output.dir)
 
-        if not join_swarm(trainer.optimizer, dht, config.swarm, peer_id) and config.swarm.min_peers > 1:
+        joined = join_swarm(trainer.optimizer, dht, config.swarm, peer_id)
+        if trainer.lora_base is not None:  # again: the peers that started with this one have published by now
+            check_peer_bases(dht, config.swarm.run_id, peer_id, trainer.lora_base)
+        if not joined and config.swarm.min_peers > 1:
             trainer.after_first_step = partial(wait_for_progress_from, trainer.optimizer, config.swarm.min_peers,
                                                config.swarm.startup_timeout)
         position = trainer.progress
@@ -329,6 +332,8 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
     # a LoRA checkpoint holds the adapters only: the base always comes from `model`
     components = load_components(str(resume_from) if resume_from and lora is None else config.model)
     lora_base = check_lora_base(config.model, components, swarm_base, resume_from) if lora else None
+    if lora_base is not None:  # before hivemind sees this peer: not one averaging round on another base
+        check_peer_bases(dht, config.swarm.run_id, str(dht.peer_id), lora_base)
     trainable = prepare_model(components, device=device, train_text_encoder=config.train_text_encoder,
                               precision=config.precision, gradient_checkpointing=config.train.gradient_checkpointing,
                               attention=config.train.attention, lora=lora, seed=config.seed)
@@ -383,7 +388,7 @@ def publish_metrics(dht: hivemind.DHT, run_id: str, trainer: Trainer, stream: Ba
     """This peer's figures in the DHT, for the other peers' UIs, until the node stops; and, in `remember_in`,
     the addresses of the peers it sees (OUTPUT/peers, for a restart)."""
     publisher = Publisher(dht, run_id, lambda: peer_metrics(
-        trainer.progress, peer_id, role, address, stream.chunks.slot, state(), health),
+        trainer.progress, peer_id, role, address, stream.chunks.slot, state(), health, trainer.lora_base),
         after=None if remember_in is None else partial(keep_peer_addresses, dht, run_id, peer_id, remember_in))
     publisher.start()
     cleanup.callback(publisher.stop)
@@ -470,6 +475,17 @@ def check_lora_base(model: str, components: SDComponents, swarm_base: BaseIdenti
     return ours
 
 
+def check_peer_bases(dht: hivemind.DHT, run_id: str, peer_id: str, ours: BaseIdentity) -> None:
+    """Refuse to train when a live peer of the swarm publishes another base model than this peer's: the relay's
+    answer is checked on joining (cli.join), but a peer may reach the swarm through the DHT alone (`--peers`, a
+    restart's OUTPUT/peers) or through a relay whose answer is stale."""
+    now = time.time()
+    for peer in read_peers(dht, run_id):
+        if peer.peer_id != peer_id and peer.base_sha256 is not None and now - peer.time <= GONE_AFTER:
+            check_base(ours, BaseIdentity(model=peer.base_model or "an unnamed model", sha256=peer.base_sha256),
+                       f"the swarm's peer {peer.peer_id}")
+
+
 def training_mode(config: Config, trainable: Sequence[torch.nn.Parameter], lora_base: BaseIdentity | None) -> dict:
     """What this node trains, for the log, the UI and `sdswarm status`."""
     parameters, size = size_of(trainable)
@@ -544,12 +560,15 @@ def demo_dir() -> Path:
 
 
 def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None, data_slot: int | None,
-                 state: str = "training", health: SwarmHealth | None = None) -> PeerMetrics:
+                 state: str = "training", health: SwarmHealth | None = None,
+                 lora_base: BaseIdentity | None = None) -> PeerMetrics:
     loss = progress.loss_avg if math.isfinite(progress.loss_avg) else None
     return PeerMetrics(peer_id=peer_id, role=role, state=state, address=address, step=progress.step,
                        samples_seen=progress.samples_seen, loss=loss,
                        samples_per_second=progress.samples_per_second if state == "training" else 0.0,
                        local_epoch=progress.local_epoch, data_slot=data_slot, time=time.time(),
+                       base_model=lora_base.model[:256] if lora_base else None,
+                       base_sha256=lora_base.sha256 if lora_base else None,
                        **(health.published() if health is not None else {}))
 
 

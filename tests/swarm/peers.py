@@ -91,6 +91,11 @@ class Peer:
         metrics = self.metrics()
         return metrics[-1]["local_epoch"] if metrics else 0
 
+    def peer_id(self) -> str:
+        found = re.search(r"DHT started \(peer id (\w+)\)", self.log())
+        assert found, f"{self.name} has not started its DHT:\n{self.log()[-3000:]}"
+        return found.group(1)
+
     def wait_until(self, condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
@@ -128,4 +133,35 @@ class Peer:
 
     def kill(self) -> None:
         if self.process is not None and self.group_alive(wait=0):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+class Rogue:
+    """A rogue peer (tests/swarm/rogue.py) in its own process group: it joins through `relay`'s public answer."""
+
+    def __init__(self, relay: str, attack: str, folder: Path) -> None:
+        self.args = ["-m", "tests.swarm.rogue", relay, attack]
+        self.log_path = folder / f"rogue-{attack}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Rogue:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def peer_id(self, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        while not (found := re.search(r"rogue peer id: (\S+)", self.log())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the rogue did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.5)
+        return found.group(1)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)

@@ -3,6 +3,7 @@ downloads the global weights and the outer momentum, compressed, and holds the s
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,6 +15,7 @@ from hivemind.compression import NoCompression, TensorRole
 from sdswarm.config import SwarmConfig
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
+from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint, round_bytes
 from sdswarm.swarm.optimizer import state_compression
 
 H, LR, MOMENTUM, INNER_LR = 3, 0.7, 0.9, 0.1
@@ -60,12 +62,17 @@ def see_each_other(optimizers: list[DiLoCoOptimizer], timeout: float = 60) -> No
         time.sleep(0.2)
 
 
-def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_joiner_downloads_it():
+def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_joiner_downloads_it(tmp_path):
     dht_a = start_dht()
     dht_b = start_dht(dht_a.get_visible_maddrs())
     run_id = f"diloco{time.time_ns()}"
     (params_a, opt_a), (params_b, opt_b) = make_peer(dht_a, run_id), make_peer(dht_b, run_id)
     optimizers = [opt_a, opt_b]
+    # each outer step is an averaging round on record (metrics.jsonl), with a fingerprint of the global weights
+    values = sum(p.numel() for p in params_a)
+    for name, params, opt in (("a", params_a, opt_a), ("b", params_b, opt_b)):
+        SwarmHealth(opt, RoundLog(tmp_path / f"{name}.jsonl", values=values, bytes_per_value=4.0),
+                    WeightFingerprint(params, seed=0)).attach()
     joiner = None
     try:
         globals_ = [p.detach().clone() for p in params_a]
@@ -105,6 +112,15 @@ def test_two_peers_take_the_nesterov_step_on_the_mean_pseudo_gradient_and_a_join
                 buffers = [opt.state_averager.optimizer.state[g]["momentum_buffer"] for g in opt.global_params]
                 for buffer, expected in zip(buffers, momentum, strict=True):
                     torch.testing.assert_close(buffer, expected, rtol=1e-5, atol=1e-5)
+
+        records = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+                   for name in "ab"}
+        for name in "ab":
+            rounds = [(r["kind"], r["swarm_step"], r["outcome"], r["group_size"], r["bytes_sent"])
+                      for r in (record["round"] for record in records[name] if "round" in record)]
+            assert rounds == [("outer", step, "complete", 2, round_bytes(values, 4.0, 2)) for step in (0, 1)]
+        fingerprints = [[v for r in records[name] if "fingerprint" in r for v in r["fingerprint"]] for name in "ab"]
+        assert len(fingerprints[0]) == 2 * 4 and fingerprints[0] == pytest.approx(fingerprints[1], abs=1e-4)
 
         # a late joiner with other weights downloads the global weights and the outer momentum
         dht_c = start_dht(dht_a.get_visible_maddrs())

@@ -14,6 +14,7 @@ from sdswarm.config import SwarmConfig
 from sdswarm.swarm.health import FingerprintEntry, RoundLog, SwarmHealth, WeightFingerprint, round_bytes, spread
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer, withdraw_progress
+from sdswarm.swarm.validation import Refusal
 
 
 def test_a_round_is_one_log_line_and_one_metrics_record(tmp_path, caplog):
@@ -24,8 +25,13 @@ def test_a_round_is_one_log_line_and_one_metrics_record(tmp_path, caplog):
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["round"] == {"kind": "gradients", "swarm_step": 7, "group_size": 2, "swarm_peers": 3,
                                "outcome": "partial", "bytes_sent": 2_000_000, "bytes_received": 2_000_000,
-                               "duration": 1.25}
+                               "duration": 1.25, "refused": {}}
     assert rounds.counts["gradients partial"] == 1 and rounds.snapshot()[0]["outcome"] == "partial"
+    # a round where another peer's parts were refused (swarm/validation.py) names it, in the log and the record
+    rounds.record("gradients", swarm_step=8, group_size=3, swarm_peers=3, outcome="complete", duration=1.0,
+                  refusals=[Refusal("QmRogue", "sender", 5, 2, "5 refused: non-finite values; 2 clipped: norm")])
+    assert "7 parts refused or clipped from peer QmRogue" in caplog.text
+    assert rounds.snapshot()[-1]["refused"] == {"QmRogue": 7} and rounds.refused["QmRogue"] == 7
 
 
 def test_round_bytes_follow_the_butterfly_all_reduce():
@@ -71,6 +77,17 @@ def test_status_is_bounded_marks_departed_peers_and_prints_no_escapes():
     assert "spread 0.01 swarm steps' worth at step 3" in text
     assert "gone" in text.splitlines()[-1] and "\x1b" not in text and "\x07" not in text
     assert "g2 p!" in text
+
+
+def test_status_names_the_peers_whose_parts_were_refused():
+    rounds = [{"kind": "gradients", "outcome": "complete", "group_size": 3, "refused": {"QmRogue": 12}},
+              {"kind": "gradients", "outcome": "complete", "group_size": 3, "refused": {"QmRogue": 4}}]
+    peer = {"peer_id": "QmPeer1", "role": "relay", "step": 10, "local_epoch": 3, "samples_per_second": 4.0,
+            "rounds": rounds}
+    text = "\n".join(status_lines({"run_id": "r", "epoch": 3, "samples_toward_target": 0, "target_batch_size": 16,
+                                   "samples_per_second": 4.0, "peers": [peer, {**peer, "peer_id": "QmPeer2"}]}))
+    assert "g3x g3x" in text
+    assert text.splitlines()[-1].endswith("by sender: QmRogue 32")
 
 
 @pytest.fixture

@@ -1,13 +1,19 @@
-"""A LoRA relay names its base model and its mode; a joiner gets both, `sdswarm status` shows the mode."""
+"""A LoRA relay names its base model and its mode; a joiner gets both, `sdswarm status` shows the mode; a peer that
+reaches the swarm through the DHT alone compares its base with the one the peers publish."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from sdswarm.cli import main
 from sdswarm.config import load_config
-from sdswarm.model.lora import BaseIdentity
+from sdswarm.model.lora import BaseIdentity, BaseModelMismatch
+from sdswarm.node import check_peer_bases
 from sdswarm.swarm.exchange import PROTOCOL, ExchangeError, config_answer, fetch_join_info, peers_answer
+from sdswarm.swarm.network import start_dht
+from sdswarm.swarm.telemetry import GONE_AFTER, PeerMetrics, publish
 from sdswarm.web.server import HttpServer, exchange_routes
 from tests.conftest import ROOT
 
@@ -59,3 +65,28 @@ def test_a_lora_relay_that_names_no_base_model_is_refused(lora_config, tmp_path)
             fetch_join_info(address, {"output.dir": str(tmp_path / "mine")})
     finally:
         server.stop()
+
+
+def test_a_peer_reaching_the_swarm_through_the_dht_refuses_another_base_naming_both():
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    swarm = start_dht(initial_peers=[], host_maddrs=loopback)
+    joiner = start_dht(initial_peers=[str(a) for a in swarm.get_visible_maddrs()], host_maddrs=loopback)
+    other = BaseIdentity(model="my/finetuned-base", sha256="fedcba9876543210" * 4)
+    try:
+        publish(swarm, "testrun", PeerMetrics(peer_id="12D3KooWMother", role="mother", time=time.time(),
+                                              base_model=BASE.model, base_sha256=BASE.sha256))
+        check_peer_bases(joiner, "testrun", str(joiner.peer_id), BASE)  # the same base: trains
+        with pytest.raises(BaseModelMismatch) as refused:
+            check_peer_bases(joiner, "testrun", str(joiner.peer_id), other)
+        message = str(refused.value)
+        assert "my/finetuned-base (weights sha256 fedcba9876543210)" in message
+        assert "runwayml/stable-diffusion-v1-5 (weights sha256 0123456789abcdef)" in message
+        assert "12D3KooWMother" in message
+        # a peer that stopped publishing (gone) no longer speaks for the swarm; nor does a full fine-tune's
+        publish(swarm, "later", PeerMetrics(peer_id="12D3KooWGone", role="mother", time=time.time() - 2 * GONE_AFTER,
+                                            base_model=BASE.model, base_sha256=BASE.sha256))
+        publish(swarm, "later", PeerMetrics(peer_id="12D3KooWFull", role="relay", time=time.time()))
+        check_peer_bases(joiner, "later", str(joiner.peer_id), other)
+    finally:
+        joiner.shutdown()
+        swarm.shutdown()

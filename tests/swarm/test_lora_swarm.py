@@ -1,5 +1,5 @@
-"""A LoRA swarm of real peers on 127.0.0.1: one set of adapters, a late joiner that downloads kilobytes, and a peer
-with another base model turned away."""
+"""A LoRA swarm of real peers on 127.0.0.1: one set of adapters, a late joiner that downloads kilobytes, and peers
+with another base model turned away (through the relay or through the DHT)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,20 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     first = peers("first", join=mother.address, max_steps=1000).start()
 
-    # a peer whose builtin:tiny is another model (built from another seed) is turned away, naming both bases
+    # a peer whose builtin:tiny is another model (built from another seed) is turned away, naming both bases: one
+    # that joins through the relay (its answer names the base), one that reaches the swarm's DHT with --peers (the
+    # peers publish their base with their telemetry)
     other_cache = tmp_path / "other-cache"
     build_tiny_model(other_cache / TINY_MODEL_DIRNAME, seed=1, vae_steps=5)
     impostor = peers("impostor", join=mother.address, max_steps=1000, env={"SDSWARM_CACHE": str(other_cache)}).start()
-    assert impostor.wait_exit(timeout=300) != 0
-    refused = re.search(r"this peer's base model builtin:tiny \(weights sha256 (\w{16})\) differs from the swarm's "
-                        r"builtin:tiny \(weights sha256 (\w{16})\)", impostor.log())
-    assert refused and refused[1] != refused[2], impostor.log()[-3000:]
+    stranger = peers("stranger", max_steps=1000, **LORA, env={"SDSWARM_CACHE": str(other_cache)})
+    stranger.args += ["--peers", mother.address]
+    stranger.start()
+    for refused_peer, whose in ((impostor, r"the swarm's"), (stranger, r"the swarm's peer \w+'s")):
+        assert refused_peer.wait_exit(timeout=300) != 0
+        refused = re.search(r"this peer's base model builtin:tiny \(weights sha256 (\w{16})\) differs from "
+                            + whose + r" builtin:tiny \(weights sha256 (\w{16})\)", refused_peer.log())
+        assert refused and refused[1] != refused[2], refused_peer.log()[-3000:]
 
     mother.wait_until(lambda: mother.epoch() >= 1, "swarm step 1", timeout=400)
     late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future
 
+from sdswarm.swarm import telemetry
 from sdswarm.swarm.network import (
     PEERS_FILE,
     connected_peer_addresses,
@@ -43,3 +46,34 @@ def test_a_restart_rejoins_through_remembered_addresses_or_starts_alone_saying_s
     finally:
         for dht in started:
             stop_dht(dht)
+
+
+class LostCalls:
+    """A DHT whose calls never answer, as hivemind's did when it lost a call's task around a peer's restart."""
+
+    def __init__(self) -> None:
+        self.stores = 0
+
+    def run_coroutine(self, coro, return_future: bool = False) -> Future:
+        assert return_future, "waiting for the answer itself would block forever"
+        return Future()
+
+    def store(self, *args, return_future: bool = False, **kwargs) -> Future:
+        assert return_future, "waiting for the answer itself would block forever"
+        self.stores += 1
+        return Future()
+
+
+def test_a_call_the_dht_never_answers_does_not_stop_the_telemetry(monkeypatch):
+    started = time.monotonic()
+    assert connected_peer_addresses(LostCalls(), timeout=0.2) == []
+    # the publisher gives up on a lost publication and publishes again, instead of waiting for it forever
+    monkeypatch.setattr(telemetry, "DHT_TIMEOUT", 0.2)
+    dht = LostCalls()
+    publisher = telemetry.Publisher(dht, "run", lambda: telemetry.PeerMetrics(peer_id="me", role="relay"), period=0.05)
+    publisher.start()
+    deadline = time.monotonic() + 10
+    while dht.stores < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    publisher.stop()
+    assert dht.stores >= 3 and time.monotonic() - started < 10

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
-from tests.swarm.peers import Peer
+from sdswarm.swarm.exchange import fetch_swarm_view
+from tests.swarm.peers import Peer, Rogue
 
 pytestmark = pytest.mark.swarm
 
@@ -166,9 +167,60 @@ def test_a_restarted_mother_rejoins_its_swarm(peers):
         last, before = shared[-1], shared[-2]
         return math.dist(ours[last], theirs[last]) < 0.5 * math.dist(ours[last], ours[before])
     mother.wait_until(one_model, "one model: the same fingerprint after the restart", timeout=300)
+    # and one swarm to see: each relay's view (the dashboard's, `sdswarm status`'s) lists both peers, live
+    for relay in (mother, joiner):
+        relay.wait_until(lambda r=relay: live_peers(r) == {mother.peer_id(), joiner.peer_id()},
+                         "both peers in the swarm view", timeout=60)
     for peer in (mother, joiner):
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
+
+
+def live_peers(relay: Peer) -> set[str]:
+    view = fetch_swarm_view(relay.address)
+    return {p["peer_id"] for p in view["peers"] if not p["gone"]}
+
+
+def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peers, tmp_path):
+    """Two rogues join through the mother's public answer: one reports swarm step 1000 with weights of 1234.0 (on
+    hivemind as it is, the mother downloaded them within seconds and trained on NaN from then on), one sends NaN and
+    1e6x gradient parts. The honest peers ignore the first, refuse or clip the second's parts naming it, and train on
+    as one model."""
+    mother = peers("mother", max_steps=100_000, **{"swarm.min_peers": 2}).start()
+    mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
+    joiner = peers("joiner", join=mother.address, max_steps=100_000).start()
+    honest = (mother, joiner)
+    mother.wait_until(lambda: mother.epoch() >= 1, "swarm step 1", timeout=300)
+    rogues = [Rogue(mother.address, attack, tmp_path).start() for attack in ("epoch", "poison")]
+    try:
+        hijacker, poisoner = (rogue.peer_id() for rogue in rogues)
+        mother.wait_until(lambda: any(f"ignoring peer {hijacker}'s swarm step 1000" in p.log() for p in honest),
+                          "the swarm step 1000 ignored", timeout=240)
+        mother.wait_until(lambda: any(f"peer {poisoner} sent" in p.log() for p in honest), "poisoned parts refused",
+                          timeout=300)
+        epoch = max(p.epoch() for p in honest)
+        joiner.wait_until(lambda: min(p.epoch() for p in honest) >= epoch + 3, "3 more swarm steps", timeout=300)
+    finally:
+        for rogue in rogues:
+            rogue.kill()
+    poisoned = "\n".join(line for p in honest for line in p.log().splitlines() if f"peer {poisoner} " in line)
+    print(f"rogues: hijacker {hijacker}, poisoner {poisoner}; what the honest peers logged about the poisoner:\n"
+          + "\n".join(poisoned.splitlines()[:6]))
+    assert "non-finite" in poisoned and "clipped: norm" in poisoned, poisoned  # its NaN parts and its 1e6x ones
+    for peer in honest:
+        peer.signal(signal.SIGTERM)
+        assert peer.wait_exit(timeout=120) == 0
+        assert all(math.isfinite(m["loss"]) for m in peer.metrics()), f"{peer.name} got a NaN loss"
+        assert max(m["local_epoch"] for m in peer.metrics()) < 100, f"{peer.name} took the rogue's swarm step"
+        start, end = peer.eval_losses()
+        print(f"{peer.name}: eval loss {start:.4f} -> {end:.4f}, swarm step {peer.epoch()}")
+        assert end < start, f"{peer.name}: eval loss {start} -> {end}"
+    # one model: at the latest swarm step both published, their fingerprints differ far less than a step moves them
+    ours, theirs = ({r["swarm_step"]: r["fingerprint"] for r in p.records() if "fingerprint" in r} for p in honest)
+    last, before = sorted(set(ours) & set(theirs))[-2:][::-1]
+    apart, step = math.dist(ours[last], theirs[last]), math.dist(ours[last], ours[before])
+    print(f"fingerprints at swarm step {last}: {apart:.3g} apart, one step moves them {step:.3g}")
+    assert apart < 0.5 * step, (apart, step)
 
 
 DILOCO = {"swarm.sync": "local_steps", "swarm.local_steps": 4}
@@ -187,6 +239,9 @@ def test_diloco_three_peers_share_each_outer_step_and_hold_one_model(peers):
         assert "the swarm reached swarm step 4 (train.max_swarm_steps)" in peer.log(), f"{peer.name} stopped elsewhere"
         averaged = re.findall(r"swarm step \d+: averaged \(group of (\d)", peer.log())
         assert len(averaged) >= 3 and "3" in averaged, f"{peer.name}: {averaged}"
+        # each outer step is an averaging round on record, as gradient rounds are
+        assert any(r["kind"] == "outer" and r["outcome"] == "complete" and r["group_size"] == 3
+                   and r["bytes_sent"] > 0 for r in peer.rounds()), peer.rounds()
         start, end = peer.eval_losses()
         assert end < 0.9 * start, f"{peer.name}: eval loss {start} -> {end}"
     # checkpoints hold the global weights: the same on every peer, up to the 8-bit rounding of the averaged deltas

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdswarm.config import LoraConfig, load_config
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
@@ -14,11 +15,13 @@ from sdswarm.model.lora import (
     BASE_FILE,
     BaseModelMismatch,
     adapter_parameters,
+    adapter_state,
     add_adapters,
     base_identity,
 )
 from sdswarm.node import run_mother
-from sdswarm.train.checkpoint import load_training_state
+from sdswarm.train.checkpoint import STATE_FILE, load_training_state
+from sdswarm.train.compact_state import FP8_KEY
 from sdswarm.train.loop import Trainer
 from tests.conftest import LOOPBACK, ROOT, tiny_overrides
 
@@ -96,12 +99,25 @@ def test_a_lora_run_lowers_the_loss_keeps_the_base_and_saves_adapters_only(tmp_p
 
 
 def test_resume_in_lora_mode_continues_the_step_count_adapters_and_optimizer_state(tmp_path, monkeypatch):
+    first = {}
+    original_run = Trainer.run
+
+    def run_and_keep(self, stop):
+        progress = original_run(self, stop)
+        first["adapters"] = {k: v.clone() for k, v in adapter_state(self.components).items()}
+        first["moments"] = self.optimizer.state_dict()["state"]
+        return progress
+
+    monkeypatch.setattr(Trainer, "run", run_and_keep)
     run_mother(lora_config(tmp_path), settings=LOOPBACK)
     checkpoint = tmp_path / "checkpoints" / "step_00000012"
     saved = load_training_state(checkpoint)
-    from safetensors.torch import load_file
-
     saved_adapters = load_file(checkpoint / ADAPTER_FILE)
+    # compact: fp16 adapters, AdamW's moments in 8 bits (about 4 bytes per adapter parameter instead of 12)
+    assert {v.dtype for v in saved_adapters.values()} == {torch.float16}
+    raw = torch.load(checkpoint / STATE_FILE, weights_only=True)["optimizer"]["state"]
+    assert {raw[i][key][FP8_KEY].dtype for i in raw if i != "local_epoch" for key in ("exp_avg", "exp_avg_sq")} == {
+        torch.float8_e4m3fn}
     captured = {}
 
     def capture(self, stop):
@@ -118,12 +134,18 @@ def test_resume_in_lora_mode_continues_the_step_count_adapters_and_optimizer_sta
         if index != "local_epoch":
             for key, value in expected.items():
                 torch.testing.assert_close(restored["state"][index][key], value, rtol=0, atol=0)
-    # the adapters are the checkpoint's, not a fresh draw; and they are what hivemind steps
-    from sdswarm.model.lora import adapter_state
-
+                # and close to what the first run held: fp8 keeps each moment within 6.25 % (the second: its root)
+                live = first["moments"][index][key]
+                tolerance = {"step": 0.0, "exp_avg": 0.0625, "exp_avg_sq": 0.13}[key]
+                torch.testing.assert_close(restored["state"][index][key], live, rtol=tolerance,
+                                           atol=float(live.abs().max()) / 20_000)
+    # the adapters are the checkpoint's, not a fresh draw (the first run's, to fp16's precision); and they are what
+    # hivemind steps
     state = adapter_state(trainer.components)
-    assert state.keys() == saved_adapters.keys()
-    assert all(torch.equal(state[k], saved_adapters[k]) for k in state)
+    assert state.keys() == saved_adapters.keys() == first["adapters"].keys()
+    assert all(torch.equal(state[k], saved_adapters[k].float()) for k in state)
+    for key, value in first["adapters"].items():
+        torch.testing.assert_close(state[key], value, rtol=2**-11, atol=2**-24)
     assert any(saved_adapters[k].abs().sum() > 0 for k in saved_adapters if ".lora_B." in k)  # B moved from zero
 
 

@@ -7,7 +7,8 @@ bases are garbage, so the base is named by a hash of its weights (`BaseIdentity`
 meet a base: joining a swarm, resuming, exporting.
 
 A LoRA checkpoint holds `pytorch_lora_weights.safetensors` (diffusers' own layout: what
-`StableDiffusionPipeline.load_lora_weights` loads) and `base_model.json`; the base stays where `model` says.
+`StableDiffusionPipeline.load_lora_weights` loads; fp16, as LoRA files are shared) and `base_model.json`; the base
+stays where `model` says.
 """
 
 from __future__ import annotations
@@ -122,22 +123,22 @@ def has_adapters(module: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def adapter_state(components: SDComponents) -> dict[str, torch.Tensor]:
-    """diffusers' LoRA layout, fp32 on the CPU: `unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`"""
+def adapter_state(components: SDComponents, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """diffusers' LoRA layout on the CPU: `unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`"""
     state = {}
     for prefix, module in ((UNET_PREFIX, components.unet), (TEXT_PREFIX, components.text_encoder)):
         if has_adapters(module):
             for key, value in get_peft_model_state_dict(module).items():
-                state[prefix + key] = value.detach().to("cpu", torch.float32).contiguous()
+                state[prefix + key] = value.detach().to("cpu", dtype).contiguous()
     return state
 
 
 def save_adapters(components: SDComponents, folder: Path, base: BaseIdentity, *, weight_name: str = ADAPTER_FILE,
-                  with_base: bool = True) -> Path:
-    """Write the adapters with diffusers' own save_lora_weights (its layout and LoRA-config metadata, so alpha and
-    rank load back as trained) into `folder`, and the base model's identity beside them."""
+                  with_base: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the adapters (in `dtype`) with diffusers' own save_lora_weights (its layout and LoRA-config metadata, so
+    alpha and rank load back as trained) into `folder`, and the base model's identity beside them."""
     folder = Path(folder)
-    state = adapter_state(components)
+    state = adapter_state(components, dtype)
     unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     text = {k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
     StableDiffusionPipeline.save_lora_weights(

@@ -32,13 +32,13 @@ from typing import Literal
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase, CompressionInfo, TensorRole
-from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+
+from sdswarm.swarm.catch_up import CheckedStateAverager, TrustedProgressTracker, trust
+from sdswarm.swarm.validation import CheckedDecentralizedAverager
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class OuterStep:
     swarm_step: int  # the swarm step this peer is at afterwards (hivemind's local_epoch)
     outcome: Literal["averaged", "alone", "missed"]  # alone: no other peer in the swarm; missed: state downloaded
     group_size: int  # peers whose pseudo-gradients were averaged (1 when alone)
+    swarm_peers: int  # peers hivemind's tracker saw when the swarm step began
+    round_step: int  # the swarm step the peers' round was for (local_epoch before it; the round's gather key)
     local_steps: int  # AdamW steps this peer took since the last swarm step
     seconds: float  # from reaching the target to training on
 
@@ -67,7 +69,8 @@ def outer_sgd(params, *, lr: float, momentum: float) -> torch.optim.SGD:
 
 class DiLoCoOptimizer:
     """Looks to the trainer like hivemind.Optimizer: step() after each backward pass, `local_epoch` counts swarm
-    steps, `tracker` is hivemind's progress tracker. `last_outer_step` says how the latest swarm step went."""
+    steps, `tracker` is hivemind's progress tracker. `last_outer_step` says how the latest swarm step went, and
+    `on_swarm_step` (when set, e.g. by swarm/health.py) is told each one on the training thread."""
 
     def __init__(
         self,
@@ -90,7 +93,7 @@ class DiLoCoOptimizer:
         client_mode: bool = False,
         verbose: bool = True,
     ) -> None:
-        self.params = list(params)
+        self.dht, self.params = dht, list(params)
         self.inner = inner_optimizer(self.params)
         self.local_steps, self.batch_size_per_step = local_steps, batch_size_per_step
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
@@ -98,20 +101,21 @@ class DiLoCoOptimizer:
         self.client_mode = client_mode
         loglevel = logging.INFO if verbose else logging.DEBUG
         # its own signing key (hivemind's default is one per process): peers in one process stay apart (tests)
-        self.tracker = ProgressTracker(dht=dht, prefix=run_id, target_batch_size=local_steps * batch_size_per_step,
-                                       client_mode=client_mode, status_loglevel=loglevel, private_key=RSAPrivateKey(),
-                                       start=True)
+        self.tracker = TrustedProgressTracker(
+            dht=dht, prefix=run_id, target_batch_size=local_steps * batch_size_per_step, client_mode=client_mode,
+            status_loglevel=loglevel, private_key=RSAPrivateKey(), start=True)
         # the global weights (host copy, fp32) with the outer SGD on them; serves and loads the joiner's download
-        self.state_averager = TrainingStateAverager(
+        self.state_averager = CheckedStateAverager(
             dht=dht, prefix=f"{run_id}_diloco_state", params=self.params,
             optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum),
             offload_optimizer=True, custom_gradients=True, state_compression=state_compression,
             min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout, next_chunk_timeout=None,
             client_mode=client_mode, status_loglevel=loglevel, start=True,
         )
+        trust(self.state_averager, self.tracker)
         self.global_params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
         self.pseudo_gradients = [p.grad for p in self.global_params]  # the outer SGD's .grad: what rounds average
-        self.averager = DecentralizedAverager(
+        self.averager = CheckedDecentralizedAverager(
             averaged_tensors=self.pseudo_gradients, dht=dht, prefix=f"{run_id}_diloco_outer",
             compression=compression, min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout,
             tensor_infos=[CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT)
@@ -121,6 +125,7 @@ class DiLoCoOptimizer:
         self.scheduled: StepControl | None = None
         self.steps_since_outer = 0
         self.last_outer_step: OuterStep | None = None
+        self.on_swarm_step: Callable[[OuterStep], None] | None = None
 
     # --- what the trainer sees (hivemind.Optimizer's names) ---------------------------------------------------
 
@@ -157,6 +162,8 @@ class DiLoCoOptimizer:
         self._maybe_schedule_round()
         if self._swarm_reached_target():
             self.last_outer_step = self._outer_step()
+            if self.on_swarm_step is not None:
+                self.on_swarm_step(self.last_outer_step)
 
     def global_weights(self) -> contextlib.AbstractContextManager:
         return self._global_weights_swapped_in()
@@ -186,6 +193,7 @@ class DiLoCoOptimizer:
 
     def _outer_step(self) -> OuterStep:
         start, local_steps = time.perf_counter(), self.steps_since_outer
+        swarm_peers, round_step = max(1, self.tracker.global_progress.num_peers), self.local_epoch
         with self.tracker.pause_updates():
             samples = self.tracker.local_progress.samples_accumulated
             self._load_pseudo_gradients()
@@ -203,7 +211,8 @@ class DiLoCoOptimizer:
                 self.steps_since_outer = 0
         if outcome == "missed":
             self.load_state_from_peers()
-        result = OuterStep(self.local_epoch, outcome, max(group_size, 1), local_steps, time.perf_counter() - start)
+        result = OuterStep(self.local_epoch, outcome, max(group_size, 1), swarm_peers, round_step, local_steps,
+                           time.perf_counter() - start)
         log.info("swarm step %d: %s (group of %d, %d local steps, %.1f s)", result.swarm_step, result.outcome,
                  result.group_size, result.local_steps, result.seconds)
         return result

@@ -5,7 +5,7 @@ hivemind 1.1.12 (as pinned) learns a round's outcome in two places, both watched
   `Optimizer._average_gradients_and_load_into_optimizer` (its StepControl ends with the gathered peers or an error);
 - parameters: the state averager's background thread only logs the outcome ("Averaged parameters with N peers",
   "Averaging failed with ..."): a logging handler on its logger reads it.
-Another way of averaging (the DiLoCo outer step) calls `RoundLog.record` itself.
+- DiLoCo's outer step (swarm/diloco.py) tells its `on_swarm_step` how each swarm step went.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from typing import Literal
 import hivemind
 import torch
 from pydantic import BaseModel, Field
+
+from sdswarm.swarm.diloco import DiLoCoOptimizer, OuterStep
+from sdswarm.swarm.validation import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class Round(BaseModel):
     bytes_received: int = Field(ge=0)
     duration: float = Field(ge=0)  # seconds from the round's start to its outcome
     time: float = 0.0
+    # peer id -> its parts this peer refused or clipped in the round (swarm/validation.py: NaN, 1e6x, ...)
+    refused: dict[str, int] = Field(default_factory=dict, max_length=64)
 
 
 def round_bytes(values: int, bytes_per_value: float, group_size: int) -> int:
@@ -64,21 +69,27 @@ class RoundLog:
         self.metrics_path, self.values, self.bytes_per_value = metrics_path, values, bytes_per_value
         self.recent: deque[Round] = deque(maxlen=RECENT_ROUNDS)
         self.counts: Counter[str] = Counter()  # "gradients complete": n, ...
+        self.refused: Counter[str] = Counter()  # peer id -> its parts refused or clipped, all rounds
         self._lock = threading.Lock()
 
     def record(self, kind: str, *, swarm_step: int, group_size: int, swarm_peers: int, outcome: Outcome,
-               duration: float) -> Round:
+               duration: float, refusals: Sequence[Refusal] = ()) -> Round:
         """Record one round; callable from any thread (the DiLoCo outer step's included)."""
         size = round_bytes(self.values, self.bytes_per_value, group_size)
+        refused = Counter()
+        for refusal in refusals:
+            refused[refusal.sender] += refusal.refused + refusal.clipped
         entry = Round(kind=kind, swarm_step=swarm_step, group_size=group_size, swarm_peers=swarm_peers,
                       outcome=outcome, bytes_sent=size, bytes_received=size, duration=max(duration, 0.0),
-                      time=time.time())
-        level = logging.WARNING if outcome in ("failed", "partial") else logging.INFO
-        log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way", kind, swarm_step,
-                outcome, group_size, swarm_peers, entry.duration, _megabytes(size))
+                      time=time.time(), refused=dict(refused.most_common(64)))
+        level = logging.WARNING if outcome in ("failed", "partial") or refused else logging.INFO
+        log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way%s", kind, swarm_step,
+                outcome, group_size, swarm_peers, entry.duration, _megabytes(size),
+                "".join(f"; {n} parts refused or clipped from peer {peer}" for peer, n in entry.refused.items()))
         with self._lock:
             self.recent.append(entry)
             self.counts[f"{kind} {outcome}"] += 1
+            self.refused.update(refused)
         self.write({"round": entry.model_dump(exclude={"time"})})
         return entry
 
@@ -167,7 +178,8 @@ class SwarmHealth:
     """Watches one hivemind.Optimizer: records its rounds, the gradient norm and a fingerprint per swarm step,
     and re-syncs this peer from the others when it has drifted away from them."""
 
-    def __init__(self, optimizer: hivemind.Optimizer, rounds: RoundLog, fingerprint: WeightFingerprint | None,
+    def __init__(self, optimizer: hivemind.Optimizer | DiLoCoOptimizer, rounds: RoundLog,
+                 fingerprint: WeightFingerprint | None,
                  peer_fingerprints: Callable[[], dict[str, list[FingerprintEntry]]] | None = None) -> None:
         self.optimizer, self.rounds, self.fingerprint = optimizer, rounds, fingerprint
         self.peer_fingerprints = peer_fingerprints
@@ -183,9 +195,10 @@ class SwarmHealth:
     # --- hooks (hivemind 1.1.12) ---
 
     def attach(self) -> SwarmHealth:
-        """Hook into hivemind.Optimizer. Another way of averaging (swarm/diloco.py) reports its rounds itself."""
+        """Hook into hivemind.Optimizer, or DiLoCo's outer steps."""
         self._handler = None
-        if not isinstance(self.optimizer, hivemind.Optimizer):
+        if isinstance(self.optimizer, DiLoCoOptimizer):
+            self.optimizer.on_swarm_step = self._outer_step_done
             return self
         opt = self.optimizer
         opt._begin_averaging_gradients = self._wrap_begin(opt._begin_averaging_gradients)
@@ -233,7 +246,8 @@ class SwarmHealth:
     def _record_gradients(self, outcome: Outcome, group: int) -> None:
         self.rounds.record("gradients", swarm_step=self.optimizer.local_epoch, group_size=group,
                            swarm_peers=self._grad_peers, outcome=outcome,
-                           duration=time.perf_counter() - self._grad_started)
+                           duration=time.perf_counter() - self._grad_started,
+                           refusals=_refusals(self.optimizer.grad_averager))
 
     def _wrap_state_step(self, step):
         @functools.wraps(step)
@@ -250,7 +264,20 @@ class SwarmHealth:
         self._state_round = None
         outcome = "failed" if group is None else ("complete" if group >= peers else "partial")
         self.rounds.record("parameters", swarm_step=swarm_step, group_size=group or 1, swarm_peers=peers,
-                           outcome=outcome, duration=time.perf_counter() - started)
+                           outcome=outcome, duration=time.perf_counter() - started,
+                           refusals=_refusals(self.optimizer.state_averager))
+
+    def _outer_step_done(self, step: OuterStep) -> None:
+        """DiLoCo: one averaging round of pseudo-gradients per swarm step; a missed one is a failed round (the peer
+        downloaded the swarm's state instead of stepping)."""
+        if step.outcome == "averaged":
+            outcome: Outcome = "complete" if step.group_size >= step.swarm_peers else "partial"
+        else:
+            outcome = "alone" if step.outcome == "alone" else "failed"
+        self.rounds.record("outer", swarm_step=step.round_step, group_size=step.group_size,
+                           swarm_peers=step.swarm_peers, outcome=outcome, duration=step.seconds,
+                           refusals=_refusals(self.optimizer.averager))
+        self.after_swarm_step()
 
     def _wrap_update(self, update):
         @functools.wraps(update)
@@ -263,7 +290,8 @@ class SwarmHealth:
     # --- after each swarm step (on the training thread) ---
 
     def after_swarm_step(self) -> None:
-        self.grad_norm = getattr(self.optimizer.opt, "last_grad_norm", None)
+        inner = self.optimizer.inner if isinstance(self.optimizer, DiLoCoOptimizer) else self.optimizer.opt
+        self.grad_norm = getattr(inner, "last_grad_norm", None)  # DiLoCo: of its last local step
         if self.fingerprint is None:
             return
         values = self.fingerprint()
@@ -320,6 +348,12 @@ class _StateRoundHandler(logging.Handler):
                 self.done(None)
         except Exception:  # a health record must never break hivemind
             log.debug("could not record a parameter round", exc_info=True)
+
+
+def _refusals(averager: object) -> list[Refusal]:
+    """What a checked averager (swarm/validation.py) refused since it was last asked."""
+    take = getattr(averager, "take_refusals", None)
+    return take() if take is not None else []
 
 
 def _megabytes(size: int) -> str:

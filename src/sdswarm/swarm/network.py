@@ -105,9 +105,20 @@ def remembered_peers(output_dir: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def connected_peer_addresses(dht: hivemind.DHT) -> list[str]:
-    """The DHT multiaddrs (with /p2p/ id) of the peers this node is connected to now."""
-    return dht.run_coroutine(_connected_addresses)
+def connected_peer_addresses(dht: hivemind.DHT, timeout: float = 10.0) -> list[str]:
+    """The DHT multiaddrs (with /p2p/ id) of the peers this node is connected to now; none if the DHT does not
+    answer in `timeout` seconds.
+
+    Bounded: hivemind can lose the coroutine's task (it logged "Task was destroyed but it is pending" when a peer
+    restarted) and never answer; the node's telemetry thread, which calls this after each publication, then stopped
+    for good, and every swarm view lost this peer a minute later."""
+    future = dht.run_coroutine(_connected_addresses, return_future=True)
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        log.debug("the DHT did not list its connections in %.0f s", timeout)
+        return []
 
 
 async def _connected_addresses(_dht: hivemind.DHT, node) -> list[str]:  # runs in the DHT process (picklable)

@@ -24,11 +24,12 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
-from hivemind.optim.grad_averager import GradientAverager
 
 from sdswarm.config import SwarmConfig
+from sdswarm.swarm.catch_up import GuardedOptimizer
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
+from sdswarm.swarm.validation import CheckedGradientAverager
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def make_optimizer(
             allreduce_timeout=swarm.allreduce_timeout, load_state_timeout=costs.load_state_timeout(swarm),
             download_bytes=costs.download_bytes, client_mode=dht.client_mode, verbose=verbose,
         )
-    optimizer = hivemind.Optimizer(
+    # hivemind.Optimizer whose tracker, downloads and rounds check what other peers send (catch_up, validation)
+    optimizer = GuardedOptimizer(
         dht=dht,
         run_id=swarm.run_id,
         params=params,
@@ -183,7 +185,7 @@ def make_optimizer(
         average_state_every=swarm.average_state_every,
         # every averager forms its groups with the same request_timeout, below matchmaking_time (config.py checks)
         averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout),
-        grad_averager_factory=partial(GradientAverager, request_timeout=swarm.matchmaking_request_timeout),
+        grad_averager_factory=partial(CheckedGradientAverager, request_timeout=swarm.matchmaking_request_timeout),
         grad_compression=compression,
         state_averaging_compression=compression,
         load_state_compression=state_compression(),

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import hivemind
-from hivemind.utils import get_dht_time
+from hivemind.utils import MPFuture, get_dht_time
 from pydantic import BaseModel, Field, ValidationError
 
 from sdswarm.swarm.health import FINGERPRINT_HISTORY, RECENT_ROUNDS, FingerprintEntry, Round, spread
@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 EXPIRATION = 60.0  # a peer that stops publishing drops out of the view after this long
 PERIOD = 5.0  # seconds between a peer's metrics
 GONE_AFTER = 3 * PERIOD  # a peer silent for this long is shown as gone and no longer counted
+# the longest one DHT call of telemetry may take: hivemind can lose a call's task (seen around a peer's restart,
+# "Task was destroyed but it is pending"), and a caller waiting without a bound would then wait forever
+DHT_TIMEOUT = 15.0
 
 
 class PeerMetrics(BaseModel):
@@ -36,6 +39,10 @@ class PeerMetrics(BaseModel):
     rounds: list[Round] = Field(default_factory=list, max_length=RECENT_ROUNDS)  # its latest averaging rounds
     fingerprints: list[FingerprintEntry] = Field(default_factory=list, max_length=FINGERPRINT_HISTORY)
     resyncs: int = 0  # times it re-loaded the state from peers after drifting away
+    # LoRA swarms: the base model its adapters belong to (model/lora.py: BaseIdentity); a peer reaching the swarm
+    # through the DHT alone compares its own with these
+    base_model: str | None = Field(None, max_length=256)
+    base_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     time: float = 0.0
     gone: bool = False  # set by the reader: silent for GONE_AFTER seconds
 
@@ -59,8 +66,18 @@ def metrics_key(run_id: str) -> str:
 
 
 def publish(dht: hivemind.DHT, run_id: str, metrics: PeerMetrics) -> None:
-    dht.store(metrics_key(run_id), subkey=metrics.peer_id, value=metrics.model_dump(),
-              expiration_time=get_dht_time() + EXPIRATION)
+    bounded(dht.store(metrics_key(run_id), subkey=metrics.peer_id, value=metrics.model_dump(),
+                      expiration_time=get_dht_time() + EXPIRATION, return_future=True))
+
+
+def bounded(future: MPFuture, timeout: float | None = None) -> Any:
+    """The result of a DHT call, or TimeoutError after `timeout` (default DHT_TIMEOUT) seconds; the call is then
+    cancelled."""
+    try:
+        return future.result(timeout=DHT_TIMEOUT if timeout is None else timeout)
+    except TimeoutError:
+        future.cancel()
+        raise
 
 
 def read_peers(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
@@ -111,7 +128,7 @@ def _progress_peer(entry: dict) -> str | None:
 
 
 def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
-    found = dht.get(key, latest=True)
+    found = bounded(dht.get(key, latest=True, return_future=True))
     if found is None or not isinstance(found.value, dict):
         return []
     return [(subkey, item.value) for subkey, item in found.value.items() if item is not None]

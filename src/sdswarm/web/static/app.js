@@ -343,6 +343,7 @@ function setupCharts() {
   state.charts.rounds = makeChart("chart-rounds", [
     { label: "gradients (MB sent)", stroke: "#4f46e5", ...dots },
     { label: "parameters (MB sent)", stroke: "#16a34a", ...dots },
+    { label: "DiLoCo outer (MB sent)", stroke: "#ca8a04", ...dots },
     { label: "failed", stroke: "#dc2626", ...dots },
   ], "MB");
   window.addEventListener("resize", () => {
@@ -371,7 +372,7 @@ function drawCharts() {
   const rounds = state.rounds;
   const sent = (kind) => rounds.map((r) => (r.kind === kind && r.outcome !== "failed" ? value(r.bytes_sent) / 1e6 : null));
   state.charts.rounds.setData([rounds.map((r) => r.time), sent("gradients"), sent("parameters"),
-    rounds.map((r) => (r.outcome === "failed" ? 0 : null))]);
+    sent("outer"), rounds.map((r) => (r.outcome === "failed" ? 0 : null))]);
   $("chart-rounds").dataset.points = String(rounds.length);
   $("loss-note").textContent = swarm.some((r) => r.loss !== null) ? ""
     : "The swarm's loss appears once peers publish theirs.";

@@ -1,0 +1,291 @@
+"""What a peer takes from others is checked before it is used: the parts of every averaging round (gradients,
+parameters, DiLoCo's pseudo-gradients).
+
+hivemind 1.1.12 averages with a butterfly all-reduce: each peer of a group *reduces* one share of the flat vector
+(the weighted mean of every sender's part of it, in `TensorPartReducer`) and sends each sender the difference
+between that mean and the sender's part. A single peer can therefore spoil a round twice: as a sender (a NaN or
+1e6x part enters a plain mean) and as a reducer (it returns whatever it likes for its share). Both are checked here:
+
+- as a reducer, `CheckedPartReducer` refuses non-finite parts and non-finite or negative weights, and clips an
+  update's part (gradients, pseudo-gradients) whose norm is above `CLIP_RATIO` times the group's scale down to that
+  bound (its sender still counts, with a bounded pull: BTARD's CenteredClip without its iterations, see
+  `robust_mean`); weights are capped likewise; in parameter rounds, a part farther than `PARAMETER_RADIUS` of its
+  norm from this peer's own is refused;
+- as a receiver, `CheckedAllReduceRunner` refuses a returned share that is non-finite or moves this peer's part by
+  more than `RETURN_RATIO` times its scale (`PARAMETER_RADIUS` in parameter rounds): this peer keeps its own part
+  for that share, as hivemind does when a reducer fails.
+
+Every refusal names the sender's peer id: a warning in the log (one line per peer and round) and a record the
+parent process drains (`CheckedAveraging.take_refusals`) into the round records of swarm/health.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing as mp
+import queue
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+log = logging.getLogger(__name__)
+
+CLIP_RATIO = 4.0  # a part may be this many times the group's scale (honest gradient parts differ by ~2x at most)
+WEIGHT_RATIO = 8.0  # a sender's weight (its samples) may be this many times the group's (batch sizes differ)
+RETURN_RATIO = 2 * CLIP_RATIO + 1  # an honest reducer's mean of clipped parts moves ours by at most about this
+# weights (parameter rounds) of peers in one swarm differ by a few steps' movement: a part farther than this
+# fraction of its norm from the reducer's own is refused (clipping would let a steady liar drag them round by round)
+PARAMETER_RADIUS = 0.2
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Parts of one sender in one averaging round that were refused (not averaged) or clipped."""
+
+    sender: str  # its peer id
+    role: str  # "sender": its parts to this peer's reducer; "reducer": the averages it returned
+    refused: int
+    clipped: int
+    reason: str
+
+
+def norm_of(tensor: torch.Tensor) -> float:
+    return float(tensor.double().norm())
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The median, or the lower of the two middle values: a single inflated value never raises it."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own: int | None,
+                parameters: bool = False) -> tuple[torch.Tensor | None, list[str | None]]:
+    """The weighted mean of finite parts after clipping, and for each part what was done to it (None, "refused:
+    why" or "clipped: why").
+
+    The scale is the lower median of the parts' norms, and never below this peer's own part (`own`, which it
+    trusts): with 2 or 3 peers a median alone is whatever the lone other peer says, and the lower median of two
+    is the smaller, so a sender that sends zeros cannot make this peer clip its own honest part. A part longer
+    than CLIP_RATIO x scale is scaled down to it (kept, with a bounded pull on the mean) rather than dropped:
+    honest parts are noisy, and a hard cut would drop the unlucky ones. Clipping is around zero, not around an
+    iterated centre as in CenteredClip: with 2 senders CenteredClip converges to their midpoint, and with 3 its centre
+    is what the outlier moves; the bound is what matters. Weights are capped the same way (WEIGHT_RATIO x the lower
+    median). `parameters` (weights, not updates): a part farther than PARAMETER_RADIUS x its norm from this peer's
+    own is refused; the others are averaged as they are."""
+    actions: list[str | None] = [None] * len(parts)
+    usable = []
+    for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
+        if not math.isfinite(weight) or weight < 0:
+            actions[i] = f"refused: weight {weight}"
+        elif not bool(torch.isfinite(part).all()):
+            actions[i] = "refused: non-finite values"
+        else:
+            usable.append(i)
+    counted = [i for i in usable if weights[i] > 0]
+    if not counted:
+        return None, actions
+    norms = {i: norm_of(parts[i]) for i in counted}
+    scale = lower_median(list(norms.values()))
+    max_weight = WEIGHT_RATIO * lower_median([weights[i] for i in counted])
+    if own is not None and own in norms:
+        scale, max_weight = max(scale, norms[own]), max(max_weight, WEIGHT_RATIO * weights[own])
+    if parameters and own is not None and own in norms:
+        for i in list(counted):
+            distance = norm_of(parts[i].float() - parts[own].float()) / max(norms[own], 1e-30)
+            if distance > PARAMETER_RADIUS:
+                actions[i] = f"refused: weights {distance:.3g}x their norm away from this peer's"
+                counted.remove(i)
+        scale = math.inf  # no clipping of weights
+    total = torch.zeros_like(parts[counted[0]], dtype=torch.float32)
+    denominator = 0.0
+    for i in counted:
+        part, weight = parts[i].float(), min(weights[i], max_weight)
+        bound = CLIP_RATIO * scale
+        if norms[i] > bound:
+            actions[i] = f"clipped: norm {norms[i] / max(scale, 1e-30):.3g}x the group's"
+            part = part * (bound / norms[i])
+        elif weight < weights[i]:
+            actions[i] = f"clipped: weight {weights[i]:.3g} over {max_weight:.3g}"
+        total.add_(part, alpha=weight)
+        denominator += weight
+    return total.div_(denominator), actions
+
+
+class CheckedPartReducer(TensorPartReducer):
+    """hivemind's reducer, holding every sender's part until all are in and averaging them with `robust_mean`."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_sender: int | None,
+                 parameters: bool = False) -> None:
+        self.own_sender, self.parameters = own_sender, parameters
+        self.actions: list[Counter[str]] = [Counter() for _ in range(num_senders)]  # per sender: action -> parts
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        self.received: dict[int, tuple[torch.Tensor, float]] = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # as TensorPartReducer.accumulate_part, keeping the part instead of adding it to the sum at once
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.received[sender_index] = (tensor_part, float(weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        senders = sorted(self.received)
+        own = senders.index(self.own_sender) if self.own_sender in self.received else None
+        mean, actions = robust_mean([self.received[s][0] for s in senders], [self.received[s][1] for s in senders],
+                                    own=own, parameters=self.parameters)
+        for sender, action in zip(senders, actions, strict=True):
+            if action is not None:
+                self.actions[sender][action] += 1
+        if mean is None:  # nothing usable (every part refused, or only weight-zero senders): keep the own part
+            own_part = self.received.get(self.own_sender, (None,))[0]
+            mean = own_part.float().clone() if own_part is not None else torch.zeros(
+                self.part_shapes[self.current_part_index])
+        self.current_part_future.set_result(mean)
+        self.reset_accumulators()
+
+
+class CheckedAllReduceRunner(AllReduceRunner):
+    """hivemind's all-reduce with `CheckedPartReducer`, refusing averages a reducer returns that are non-finite
+    or far from this peer's part; `refusals` are reported when the round ends."""
+
+    def __init__(self, *, report: mp.Queue | None = None, kind: str = "averaging", **kwargs) -> None:
+        super().__init__(**kwargs)
+        # hivemind makes a plain reducer inline; it has received nothing, so it is finished quietly and replaced
+        self.tensor_part_reducer.finished.set()
+        own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        parameters = kind == "parameters"
+        self.tensor_part_reducer = CheckedPartReducer(tuple(part.shape for part in self.parts_for_local_averaging),
+                                                      len(self.sender_peer_ids), own_sender=own, parameters=parameters)
+        self.report, self.kind = report, kind
+        self.returned: Counter[tuple[int, str]] = Counter()  # (reducer index, reason) -> shares refused
+        container = self.tensor_part_container
+        inputs = [parts for parts in container._input_parts_by_peer]  # (part, codec) per reducer: this peer's input
+        values = sum(part.numel() for parts in inputs for part, _ in parts)
+        rms = math.sqrt(sum(norm_of(part) ** 2 for parts in inputs for part, _ in parts) / max(values, 1))
+        register = container.register_processed_part
+
+        def register_checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
+            if self.ordered_peer_ids[peer_index] != self.peer_id:
+                mine = inputs[peer_index][part_index][0]
+                scale = max(norm_of(mine), rms * math.sqrt(mine.numel()))
+                bound = PARAMETER_RADIUS if parameters else RETURN_RATIO
+                reason = ("non-finite" if not bool(torch.isfinite(delta).all()) else
+                          f"moves this peer's part {norm_of(delta) / max(scale, 1e-30):.3g}x its norm"
+                          if norm_of(delta) > bound * scale else None)
+                if reason is not None:
+                    self.returned[peer_index, reason.split(" ")[0]] += 1
+                    delta = torch.zeros_like(mine)  # keep this peer's own part for that share
+            register(peer_index, part_index, delta)
+
+        container.register_processed_part = register_checked
+
+    def finalize(self, **kwargs) -> None:
+        reported = self._future.done()
+        super().finalize(**kwargs)
+        if not reported:
+            self._report()
+
+    def _report(self) -> None:
+        refusals = []
+        senders = self.sender_peer_ids
+        for index, actions in enumerate(self.tensor_part_reducer.actions):
+            if senders[index] == self.peer_id or not actions:
+                continue
+            refused = sum(n for action, n in actions.items() if action.startswith("refused"))
+            reasons = "; ".join(f"{n} {action}" for action, n in actions.most_common(3))
+            refusals.append(Refusal(str(senders[index]), "sender", refused, sum(actions.values()) - refused, reasons))
+        by_reducer: dict[int, Counter[str]] = {}
+        for (index, reason), n in self.returned.items():
+            by_reducer.setdefault(index, Counter())[reason] += n
+        for index, reasons in by_reducer.items():
+            text = "; ".join(f"{n} {'non-finite' if r == 'non-finite' else 'too far from ours'}"
+                             for r, n in reasons.items())
+            refusals.append(Refusal(str(self.ordered_peer_ids[index]), "reducer", sum(reasons.values()), 0, text))
+        for refusal in refusals:
+            log.warning("%s round: peer %s %s: %d parts refused, %d clipped (%s)", self.kind, refusal.sender,
+                        "sent" if refusal.role == "sender" else "returned averages", refusal.refused,
+                        refusal.clipped, refusal.reason)
+            if self.report is not None:
+                self.report.put(refusal)
+
+
+class CheckedAveraging(DecentralizedAverager):
+    """Mixin for a hivemind averager: every all-reduce runs with `CheckedAllReduceRunner`. The refusals come back
+    from the averager's process through a queue: `take_refusals()` in the parent."""
+
+    refusal_kind = "averaging"
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._refusals: mp.Queue = mp.Queue()  # before the process forks (hivemind starts it in __init__)
+        super().__init__(*args, **kwargs)
+
+    def take_refusals(self) -> list[Refusal]:
+        """The refusals reported since the last call (this peer's rounds, from the averager's process)."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._refusals.get_nowait())
+            except (queue.Empty, OSError, ValueError):
+                return taken
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
+                                      group_id: bytes | None = None, **kwargs) -> None:
+        # as DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12), with the checked runner
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = CheckedAllReduceRunner(
+            report=self._refusals, kind=self.refusal_kind, p2p=self._p2p, servicer_type=type(self),
+            prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+
+class CheckedGradientAverager(CheckedAveraging, GradientAverager):
+    """hivemind.Optimizer's gradient averager, checked (its `grad_averager_factory`)."""
+
+    refusal_kind = "gradients"
+
+
+class CheckedDecentralizedAverager(CheckedAveraging, DecentralizedAverager):
+    """A plain averager, checked: DiLoCo's pseudo-gradients."""
+
+    refusal_kind = "outer"

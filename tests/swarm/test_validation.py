@@ -1,0 +1,137 @@
+"""What a peer takes from others, checked: the parts a reducer averages, the swarm steps a tracker hears, the states
+a peer downloads. One process, no peers (the attacks with real processes are in test_swarm.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import hivemind
+import pytest
+import torch
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.p2p import PeerID
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+from sdswarm.swarm.catch_up import MAX_STATE_CHANGE, TrustedProgressTracker, state_problem
+from sdswarm.swarm.validation import CLIP_RATIO, CheckedPartReducer, robust_mean
+
+
+def honest_parts(n: int, size: int = 1000) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(size, generator=generator)
+    return [common + torch.randn(size, generator=generator) for _ in range(n)]
+
+
+def test_honest_parts_are_averaged_as_hivemind_does():
+    parts, weights = honest_parts(3), [4.0, 8.0, 4.0]
+    mean, actions = robust_mean(parts, weights, own=0)
+    expected = sum(p * w for p, w in zip(parts, weights, strict=True)) / sum(weights)
+    torch.testing.assert_close(mean, expected)
+    assert actions == [None, None, None]
+
+
+@pytest.mark.parametrize("own", [0, None])
+def test_a_nan_part_is_refused_and_a_huge_one_clipped(own):
+    honest = honest_parts(2)
+    for poison, action in ((torch.full((1000,), float("nan")), "refused: non-finite values"),
+                           (1e6 * torch.randn(1000), "clipped: norm")):
+        mean, actions = robust_mean([*honest, poison], [1.0, 1.0, 1.0], own=own)
+        assert actions[:2] == [None, None] and actions[2].startswith(action), actions
+        assert torch.isfinite(mean).all()
+        # the poisoned part pulls the mean at most CLIP_RATIO x the honest scale / 3 away from the honest mean
+        honest_mean = (honest[0] + honest[1]) / 2
+        assert (mean - honest_mean).norm() <= CLIP_RATIO * max(p.norm() for p in honest) * 2 / 3 + 1e-3
+
+
+def test_two_peers_a_liar_cannot_make_the_reducer_clip_its_own_part():
+    mine = honest_parts(1)[0]
+    for lie in (torch.zeros(1000), 1e-9 * mine, 1e6 * mine):  # too small (a tiny median) or far too large
+        mean, actions = robust_mean([mine, lie], [1.0, 1.0], own=0)
+        assert actions[0] is None
+        assert mean.norm() <= (1 + CLIP_RATIO) / 2 * mine.norm() + 1e-3
+
+
+def test_in_parameter_rounds_weights_far_from_this_peers_are_refused():
+    mine = honest_parts(1)[0]
+    other = mine + 0.01 * torch.randn(1000)
+    for rogue in (torch.full((1000,), 1234.0), mine + 0.5 * mine.norm() / 1000 ** 0.5 * torch.randn(1000)):
+        mean, actions = robust_mean([mine, other, rogue], [1.0, 1.0, 1.0], own=0, parameters=True)
+        assert actions[:2] == [None, None] and actions[2].startswith("refused: weights"), actions
+        torch.testing.assert_close(mean, (mine + other) / 2)
+
+
+def test_weights_are_capped_and_bad_weights_refused():
+    parts = honest_parts(3)
+    mean, actions = robust_mean(parts, [1.0, 1.0, 1e9], own=0)
+    assert actions[2].startswith("clipped: weight") and (mean - parts[2]).norm() > 0.1 * parts[2].norm()
+    _, actions = robust_mean(parts, [1.0, float("nan"), -1.0], own=0)
+    assert actions[1].startswith("refused: weight") and actions[2].startswith("refused: weight")
+
+
+def test_the_reducer_averages_each_part_once_every_sender_sent_it():
+    async def reduce() -> tuple[list[torch.Tensor], CheckedPartReducer]:
+        shapes = [torch.Size([1000]), torch.Size([1000])]
+        reducer = CheckedPartReducer(shapes, 3, own_sender=0)
+        parts = [honest_parts(2) + [torch.full((1000,), float("nan"))], honest_parts(2) + [1e6 * torch.ones(1000)]]
+        results = await asyncio.gather(*(reducer.accumulate_part(sender, index, parts[index][sender])
+                                         for index in range(2) for sender in (2, 1, 0)))
+        return results, reducer
+
+    results, reducer = asyncio.run(reduce())
+    assert all(torch.isfinite(r).all() for r in results)
+    torch.testing.assert_close(results[0], (honest_parts(2)[0] + honest_parts(2)[1]) / 2)  # NaN refused
+    assert not reducer.actions[1] and not reducer.actions[0]
+    clipped, refused = sorted(reducer.actions[2])
+    assert clipped.startswith("clipped: norm") and refused == "refused: non-finite values"
+
+
+def test_a_state_is_checked_before_it_replaces_this_peers():
+    params = [torch.randn(10, 10), torch.randn(10)]
+    stats = [torch.rand(10, 10)]
+    good = [p + 0.01 * torch.randn_like(p) for p in params] + [s.clone() for s in stats]
+
+    def problem(tensors, epoch=5, local_epoch=3, ceiling=6):
+        return state_problem({"epoch": epoch}, tensors, params=params, others=stats, local_epoch=local_epoch,
+                             ceiling=ceiling)
+
+    assert problem(good) is None
+    assert "beyond the swarm's 5" in problem(good, epoch=1000)
+    assert "behind this peer's 3" in problem(good, epoch=2)
+    assert "non-finite" in problem([good[0], good[1], torch.full((10, 10), float("nan"))])
+    assert "shape (5,)" in problem([good[0], torch.zeros(5), good[2]])
+    assert "3 tensors" not in (problem(good[:2]) or "") and "2 tensors" in problem(good[:2])
+    rogue = [torch.full_like(p, 1234.0) for p in params] + stats  # the hijack's weights
+    assert f"at most {MAX_STATE_CHANGE}" in problem(rogue)
+
+
+@pytest.fixture(scope="module")
+def dht():
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    yield dht
+    dht.shutdown()
+
+
+def record(epoch: int, samples: int = 1, rate: float = 1.0, name: bytes = b"peer") -> ValueWithExpiration:
+    progress = LocalTrainingProgress(peer_id=name, epoch=epoch, samples_accumulated=samples, samples_per_second=rate,
+                                     time=get_dht_time(), client_mode=False)
+    return ValueWithExpiration(progress.dict(), get_dht_time() + 60)
+
+
+def test_the_tracker_hears_the_next_swarm_step_but_not_a_jump_to_1000(dht):
+    tracker = TrustedProgressTracker(dht=dht, prefix="trust-a", target_batch_size=32, start=False)
+    assert tracker.trusted_epoch == 0  # alone at start: its own step
+    view = {b"honest": record(1, name=b"honest"), b"rogue": record(1000, name=b"rogue")}
+    assert set(tracker.plausible(view)) == {b"honest"}
+    progress = tracker._parse_swarm_progress_data(view)
+    assert progress.epoch == 1 and progress.num_peers == 1
+    assert set(tracker.plausible({b"honest": record(2, name=b"honest")})) == {b"honest"}  # one more step
+    tracker.distrust(PeerID(b"honest"))  # a donor whose state was refused: its progress is not heard again
+    assert tracker.plausible({b"honest": record(2, name=b"honest")}) == {}
+
+
+def test_a_joiner_adopts_the_swarms_step_unless_only_a_minority_claims_it(dht):
+    swarm = {f"peer{i}".encode(): record(50, name=f"peer{i}".encode()) for i in range(2)}
+    tracker = TrustedProgressTracker(dht=dht, prefix="trust-b", target_batch_size=32, start=False)
+    tracker.trusted_epoch = None  # as on a joiner's first view of a swarm under way
+    assert set(tracker.plausible({**swarm, b"rogue": record(1000, name=b"rogue")})) == set(swarm)
+    assert tracker.trusted_epoch == 50
