@@ -49,7 +49,7 @@ def test_tiny_checkpoint_round_trips_through_diffusers_single_file_loader(tiny_f
         assert_same_weights(getattr(loaded, part), getattr(original, part), part)
     with safe_open(str(out), "pt") as handle:
         prefixes = {key.split(".")[0] for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        assert handle.metadata()["modelspec.prediction_type"] == "epsilon"
+        assert handle.metadata()["modelspec.prediction_type"] == "v"  # the tiny model is v-prediction
     assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
 
 

@@ -114,7 +114,8 @@ def true_gradient_norm(components, batch, seed: int) -> float:
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
     prediction = unet(sched.add_noise(latents, noise, timesteps), timesteps, te(ids).last_hidden_state).sample
-    F.mse_loss(prediction, noise).backward()
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    F.mse_loss(prediction, target).backward()
     grads = [p.grad for p in [*unet.parameters(), *te.parameters()] if p.grad is not None]
     return torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
 

@@ -36,7 +36,9 @@ def plain_pytorch_steps(components, batches: list[Batch], seed: int) -> None:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
         prediction = unet(sched.add_noise(latents, noise, timesteps), timesteps, embeddings).sample
-        F.mse_loss(prediction, noise).backward()
+        # diffusers' target: the noise (epsilon) or the velocity (the tiny model is v-prediction)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+        F.mse_loss(prediction, target).backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
         optimizer.zero_grad()
