@@ -32,13 +32,13 @@ from typing import Literal
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase, CompressionInfo, TensorRole
 from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+
+from sdswarm.swarm.admission import Gate, GatedAverager, GatedStateAverager
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class DiLoCoOptimizer:
         download_bytes: int = 0,
         client_mode: bool = False,
         verbose: bool = True,
+        private_key: RSAPrivateKey | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.params = list(params)
         self.inner = inner_optimizer(self.params)
@@ -97,26 +99,28 @@ class DiLoCoOptimizer:
         self.load_state_timeout, self.download_bytes = load_state_timeout, download_bytes
         self.client_mode = client_mode
         loglevel = logging.INFO if verbose else logging.DEBUG
-        # its own signing key (hivemind's default is one per process): peers in one process stay apart (tests)
+        # the key the DHT signs this peer's records with; else its own (hivemind's default is one per process): peers
+        # in one process stay apart (tests)
         self.tracker = ProgressTracker(dht=dht, prefix=run_id, target_batch_size=local_steps * batch_size_per_step,
-                                       client_mode=client_mode, status_loglevel=loglevel, private_key=RSAPrivateKey(),
+                                       client_mode=client_mode, status_loglevel=loglevel,
+                                       private_key=private_key or RSAPrivateKey(),
                                        start=True)
         # the global weights (host copy, fp32) with the outer SGD on them; serves and loads the joiner's download
-        self.state_averager = TrainingStateAverager(
+        self.state_averager = GatedStateAverager(
             dht=dht, prefix=f"{run_id}_diloco_state", params=self.params,
             optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum),
             offload_optimizer=True, custom_gradients=True, state_compression=state_compression,
             min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout, next_chunk_timeout=None,
-            client_mode=client_mode, status_loglevel=loglevel, start=True,
+            client_mode=client_mode, status_loglevel=loglevel, start=True, gate=gate,
         )
         self.global_params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
         self.pseudo_gradients = [p.grad for p in self.global_params]  # the outer SGD's .grad: what rounds average
-        self.averager = DecentralizedAverager(
+        self.averager = GatedAverager(
             averaged_tensors=self.pseudo_gradients, dht=dht, prefix=f"{run_id}_diloco_outer",
             compression=compression, min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout,
             tensor_infos=[CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT)
                           for i, t in enumerate(self.pseudo_gradients)],
-            client_mode=client_mode, allow_state_sharing=False, start=True,
+            client_mode=client_mode, allow_state_sharing=False, start=True, gate=gate,
         )
         self.scheduled: StepControl | None = None
         self.steps_since_outer = 0

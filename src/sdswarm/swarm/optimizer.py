@@ -24,9 +24,10 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
-from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils.crypto import RSAPrivateKey
 
 from sdswarm.config import SwarmConfig
+from sdswarm.swarm.admission import Gate, GatedGradientAverager, GatedStateAverager
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
 
@@ -139,8 +140,13 @@ def make_optimizer(
     max_grad_norm: float | None,
     optimizer_8bit: bool = False,
     verbose: bool = True,
+    identity: RSAPrivateKey | None = None,
+    gate: Gate | None = None,
 ) -> SwarmOptimizer:
     """Only trainable tensors may be given: hivemind would average frozen ones too.
+
+    `identity`: the key the DHT signs this peer's records with (its progress records must be signed by the same);
+    `gate`: who may join its averaging rounds and download its state (swarm/admission.py; None: anyone).
 
     The lr is the config's, the same on every peer: hivemind already averages the gradient over
     the samples of all peers, so no peer scales it by its own batch size.
@@ -167,8 +173,10 @@ def make_optimizer(
             matchmaking_time=swarm.matchmaking_time, averaging_timeout=swarm.averaging_timeout,
             allreduce_timeout=swarm.allreduce_timeout, load_state_timeout=costs.load_state_timeout(swarm),
             download_bytes=costs.download_bytes, client_mode=dht.client_mode, verbose=verbose,
+            private_key=identity or RSAPrivateKey(), gate=gate,
         )
-    optimizer = hivemind.Optimizer(
+    optimizer = GatedOptimizer(
+        gate=gate,
         dht=dht,
         run_id=swarm.run_id,
         params=params,
@@ -183,7 +191,9 @@ def make_optimizer(
         average_state_every=swarm.average_state_every,
         # every averager forms its groups with the same request_timeout, below matchmaking_time (config.py checks)
         averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout),
-        grad_averager_factory=partial(GradientAverager, request_timeout=swarm.matchmaking_request_timeout),
+        grad_averager_factory=partial(GatedGradientAverager, gate=gate,
+                                      request_timeout=swarm.matchmaking_request_timeout),
+        tracker_opts=dict(private_key=identity) if identity is not None else None,
         grad_compression=compression,
         state_averaging_compression=compression,
         load_state_compression=state_compression(),
@@ -197,6 +207,23 @@ def make_optimizer(
     _skip_gradient_download(optimizer)
     optimizer.download_bytes = costs.download_bytes  # as DiLoCoOptimizer has it: what a late joiner downloads
     return optimizer
+
+
+class GatedOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer whose state averager checks who asks (swarm/admission.py's Gate)."""
+
+    def __init__(self, *, gate: Gate | None, **kwargs) -> None:
+        self._gate = gate
+        super().__init__(**kwargs)
+
+    def _make_state_averager(self, **kwargs) -> GatedStateAverager:
+        return GatedStateAverager(  # hivemind's own, with the gate
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, gate=self._gate, **kwargs,
+        )
 
 
 def _skip_gradient_download(optimizer: hivemind.Optimizer) -> None:
