@@ -41,7 +41,7 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
-from sdswarm.swarm.admission import Admission
+from sdswarm.swarm.admission import Admission, forward_admit
 from sdswarm.swarm.exchange import DATA_PATH, PROTOCOL, config_answer, describe_training, peers_answer
 from sdswarm.swarm.health import RoundLog, SwarmHealth, WeightFingerprint
 from sdswarm.swarm.network import (
@@ -536,8 +536,9 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     )
     if routes:  # every relay serves the index it trains on: its joiners need no local copy
         routes += index_routes(index.file, index.sha256)
-    if routes and admission is not None and admission.admitter is not None:  # it holds the swarm key: it admits
-        routes += admit_routes(admission.admitter.admit)
+    if routes and admission is not None and admission.access is not None:  # an invite-only swarm's relay
+        routes += admit_routes(admission.admitter.admit if admission.admitter is not None else partial(
+            forward_admit, admitting_relays=partial(mother_addresses, dht, config.swarm.run_id)))
     if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
         routes += bucket_routes(demo_dir(), prefix=DATA_PATH)
     host = "127.0.0.1" if settings.client_mode else settings.listen_host
@@ -551,7 +552,11 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
         return None
     address = f"{settings.public_address or settings.listen_host}:{settings.ie_port_external or port}"
     controls.join_address = address
-    log.info("relay: others join this swarm with:  sdswarm join %s", address)
+    if admission is not None and admission.access is not None:
+        log.info("relay: others join this swarm with:  sdswarm join %s --invite INVITE  (sdswarm invite --output %s "
+                 "prints one)", address, out)
+    else:
+        log.info("relay: others join this swarm with:  sdswarm join %s", address)
     return address
 
 
@@ -575,6 +580,13 @@ def keep_peer_addresses(dht: hivemind.DHT, run_id: str, peer_id: str, output_dir
     relays = [m.address for m in read_peers(dht, run_id)
               if m.peer_id != peer_id and m.address and now - m.time <= GONE_AFTER]
     remember_peers(output_dir, relays + connected_peer_addresses(dht))
+
+
+def mother_addresses(dht: hivemind.DHT, run_id: str) -> list[str]:
+    """The relay addresses of the live mothers (the nodes that admit peers), from their signed metrics."""
+    now = time.time()
+    return [m.address for m in read_peers(dht, run_id)
+            if m.role == "mother" and m.address and now - m.time <= GONE_AFTER]
 
 
 def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:

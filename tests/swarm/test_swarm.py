@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import signal
 import time
 
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
+from sdswarm.swarm.admission import SWARM_KEY_FILE
 from tests.swarm.peers import Peer
 
 pytestmark = pytest.mark.swarm
@@ -87,7 +89,11 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     first = peers("first", join=mother.address, max_steps=1000).start()
     mother.wait_until(lambda: mother.epoch() >= 3, "swarm step 3")
 
-    late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point
+    late = peers("late", join=first.address, max_steps=1000)  # any relay is an entry point
+    # a co-admin: given a copy of the swarm key, it admits newcomers while the mother is away
+    late.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mother.out / SWARM_KEY_FILE, late.out / SWARM_KEY_FILE)
+    late.start()
     late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state")
     late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "averaging with all three")
 

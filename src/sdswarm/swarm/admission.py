@@ -27,7 +27,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -564,17 +564,16 @@ class Admission:
             dht.store(bans_key(self.run_id), subkey=self.owner, value=blob, expiration_time=expiration)
 
 
-def request_access(relay_url: str, invite: str, public_key: RSAPublicKey, timeout: float = 15.0) -> Access:
-    """Present `invite` to the relay at `relay_url` for this node's key; the access token it answers, checked."""
+def _post_admit(relay_url: str, request: Any, timeout: float = 15.0) -> dict[str, Any]:
+    """POST an admission request to a relay; its answer, or AdmissionError saying why not."""
     import asyncio
 
     import aiohttp
 
     async def post() -> tuple[int, Any]:
         async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-                    session.post(relay_url + ADMIT_PATH, json={"invite": invite,
-                                                                "public_key": public_key.to_bytes().decode()}) as r):
-            return r.status, json.loads(await r.content.read(1 << 16))
+                    session.post(relay_url + ADMIT_PATH, json=request) as response):
+            return response.status, json.loads(await response.content.read(1 << 16))
 
     try:
         status, answer = asyncio.run(post())
@@ -584,6 +583,28 @@ def request_access(relay_url: str, invite: str, public_key: RSAPublicKey, timeou
     if status != 200 or not isinstance(answer, dict):
         error = answer.get("error") if isinstance(answer, dict) else None
         raise AdmissionError(f"the relay at {relay_url} refused the invite: {str(error or status)[:300]}")
+    return answer
+
+
+def forward_admit(request: Any, admitting_relays: Callable[[], list[str]]) -> dict[str, Any]:
+    """A relay without the swarm key passes a joiner's invite to one that holds it (the mother): any relay is an entry
+    point. It cannot forge the answer: the joiner checks the token against the invite's swarm."""
+    addresses = admitting_relays()
+    for address in addresses:
+        url = address if address.startswith(("http://", "https://")) else f"http://{address}"
+        try:
+            return _post_admit(url, request)
+        except AdmissionError as exc:
+            if "refused" in str(exc):
+                raise
+            log.info("could not pass an invite on to %s (%s)", address, exc)
+    raise AdmissionError("this relay holds no swarm key, and no relay that does (the mother) answers now: join "
+                         "through the mother's address, or later")
+
+
+def request_access(relay_url: str, invite: str, public_key: RSAPublicKey) -> Access:
+    """Present `invite` to the relay at `relay_url` for this node's key; the access token it answers, checked."""
+    answer = _post_admit(relay_url, {"invite": invite, "public_key": public_key.to_bytes().decode()})
     try:
         access = Access.from_json(answer)
     except (ValueError, KeyError, TypeError):
