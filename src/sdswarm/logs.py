@@ -19,6 +19,8 @@ FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # asyncio's complaints about the tasks hivemind leaves behind when its processes shut down: not the user's concern
 SHUTDOWN_NOISE = ("Task was destroyed but it is pending", "Task exception was never retrieved")
+# libraries whose tracebacks (a cancelled DHT coroutine, a closed daemon socket) belong in node.log, not the terminal
+LIBRARY_LOGGERS = ("hivemind", "asyncio")
 
 
 class TerminalFilter(logging.Filter):
@@ -32,6 +34,24 @@ class TerminalFilter(logging.Filter):
         if record.name == "asyncio" and record.getMessage().startswith(SHUTDOWN_NOISE):
             return False
         return self.verbose or record.levelno >= logging.WARNING or not record.name.startswith("hivemind")
+
+
+class TerminalFormatter(logging.Formatter):
+    """One line per record: a library's traceback is cut to its exception's name (node.log keeps it whole)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__(TERMINAL_FORMAT)
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose or not record.exc_info or not record.name.startswith(LIBRARY_LOGGERS):
+            return super().format(record)
+        exc_type = record.exc_info[0]
+        line = logging.makeLogRecord(record.__dict__)  # a copy: the file handler still formats the traceback
+        line.exc_info, line.exc_text, line.stack_info = None, None, None
+        line.msg = f"{record.getMessage()} ({exc_type.__name__ if exc_type else 'error'}; traceback in {LOG_FILE})"
+        line.args = None
+        return super().format(line)
 
 
 class TerminalHandler(logging.StreamHandler):
@@ -48,7 +68,7 @@ def setup_logging(*, verbose: bool = False) -> None:
     """The terminal handler; hivemind's records go through the root logger, not through its own handler."""
     use_hivemind_log_handler("nowhere")
     terminal = TerminalHandler(sys.stderr)
-    terminal.setFormatter(logging.Formatter(TERMINAL_FORMAT))
+    terminal.setFormatter(TerminalFormatter(verbose))
     terminal.addFilter(TerminalFilter(verbose))
     root = logging.getLogger()
     root.handlers = [terminal]
