@@ -314,7 +314,7 @@ def _text(value: object, width: int) -> str:
 
 
 def print_invite(folder: Path, hours: float, address: str | None) -> int:
-    from sdswarm.swarm.admission import join_command, load_swarm_key, make_invite
+    from sdswarm.swarm.invites import join_command, load_swarm_key, make_invite
     from sdswarm.swarm.settings import load_settings
 
     if not hours > 0:
@@ -335,7 +335,7 @@ def print_invite(folder: Path, hours: float, address: str | None) -> int:
 
 
 def ban_peers(folder: Path, peer_ids: Sequence[str], *, lift: bool) -> int:
-    from sdswarm.swarm.admission import ban
+    from sdswarm.swarm.invites import ban
 
     try:
         banned = ban(folder, list(peer_ids), lift=lift)

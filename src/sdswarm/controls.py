@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdswarm.data.chunks import DataStats
-from sdswarm.swarm.admission import Admission, AdmissionError, ban, join_command, make_invite
+from sdswarm.swarm.admission import Admission
+from sdswarm.swarm.invites import AdmissionError, ban, join_command, make_invite
 from sdswarm.swarm.settings import SETTINGS_FILE, NodeSettings, load_settings, save_settings, update_settings
 from sdswarm.swarm.telemetry import SwarmView
 from sdswarm.train.loop import METRICS_FILE, Trainer

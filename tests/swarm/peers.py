@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdswarm.swarm.admission import SWARM_KEY_FILE, load_swarm_key, make_invite
+from sdswarm.swarm.invites import SWARM_KEY_FILE, load_swarm_key, make_invite
 from sdswarm.swarm.settings import NodeSettings, save_settings
 from tests.conftest import ROOT
 

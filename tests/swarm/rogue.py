@@ -17,8 +17,9 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from sdswarm.swarm.admission import Access, Bans, SwarmAuthorizer, issue_token, load_identity
+from sdswarm.swarm.admission import SwarmAuthorizer
 from sdswarm.swarm.exchange import fetch_peers
+from sdswarm.swarm.invites import Access, Bans, issue_token, load_identity
 from sdswarm.swarm.telemetry import metrics_key
 
 

@@ -13,12 +13,11 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from sdswarm.swarm.admission import (
+from sdswarm.swarm.admission import Admission, SwarmAuthorizer
+from sdswarm.swarm.invites import (
     Access,
-    Admission,
     AdmissionError,
     Bans,
-    SwarmAuthorizer,
     ban,
     issue_token,
     load_identity,

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
-from sdswarm.swarm.admission import SWARM_KEY_FILE
+from sdswarm.swarm.invites import SWARM_KEY_FILE
 from tests.swarm.peers import Peer
 
 pytestmark = pytest.mark.swarm

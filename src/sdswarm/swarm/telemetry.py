@@ -74,7 +74,7 @@ def records_validator(run_id: str) -> SchemaValidator:
 
 def owner_peer_id(subkey: Any) -> str | None:
     """The peer id of a signed record's owner (its [owner:KEY] subkey); None for a subkey that names no owner."""
-    from sdswarm.swarm.admission import peer_id_of
+    from sdswarm.swarm.invites import peer_id_of
 
     keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey) if isinstance(subkey, bytes) else []
     try:

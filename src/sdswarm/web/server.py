@@ -11,8 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from sdswarm.swarm.admission import ADMIT_PATH, AdmissionError
+from sdswarm.swarm.admission import ADMIT_PATH
 from sdswarm.swarm.exchange import CONFIG_PATH, PEERS_PATH, SWARM_PATH
+from sdswarm.swarm.invites import AdmissionError
 
 log = logging.getLogger(__name__)
 
