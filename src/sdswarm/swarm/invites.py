@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import multihash
 from cryptography.hazmat.primitives import serialization
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
@@ -58,8 +57,7 @@ def peer_id_of(public_key: RSAPublicKey) -> str:
     der = public_key._public_key.public_bytes(encoding=serialization.Encoding.DER,
                                               format=serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
-    digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
-    return PeerID(digest).to_base58()
+    return PeerID(b"\x12\x20" + hashlib.sha256(encoded).digest()).to_base58()  # a sha2-256 multihash
 
 
 def load_or_create_swarm_key(folder: Path) -> RSAPrivateKey:
