@@ -41,7 +41,9 @@ def outsider(maddrs: list[str], run_id: str, folder: Path) -> dict:
 
 async def ask_averagers(maddrs: list[str], run_id: str, folder: Path) -> dict:
     """Call the mother's averaging RPCs over a bare libp2p connection, as a peer that skips the DHT would."""
-    p2p = await hivemind.P2P.create(initial_peers=maddrs, identity_path=str(folder / "identity.key"))
+    # the same identity as its refused DHT, which the mother may still see connected
+    p2p = await hivemind.P2P.create(initial_peers=maddrs, identity_path=str(folder / "identity.key"),
+                                    check_if_identity_free=False)
     mother = PeerID.from_base58(maddrs[0].rsplit("/p2p/", 1)[1])
     found: dict = {}
     try:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -15,6 +19,7 @@ from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.swarm.invites import SWARM_KEY_FILE
+from tests.conftest import ROOT
 from tests.swarm.peers import Peer
 
 pytestmark = pytest.mark.swarm
@@ -83,10 +88,22 @@ def l2(tensors) -> float:
     return math.sqrt(sum(t.double().square().sum().item() for t in tensors))
 
 
-def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers):
+def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers, tmp_path):
     mother = peers("mother", max_steps=1000, **{"swarm.min_peers": 2}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
-    first = peers("first", join=mother.address, max_steps=1000).start()
+    # invited with the command `sdswarm invite` prints beside the mother
+    command = sdswarm("invite", "--output", str(mother.out), "--hours", "1").splitlines()[-1]
+    assert command.startswith(f"python server.py -j {mother.address} --invite ")
+    first = peers("first", join=mother.address, max_steps=1000,
+                  env={"SDSWARM_INVITE": command.split("--invite ")[1]}).start()
+
+    # an uninvited peer: the DHT, a group and a state download refuse it, and the mother's log names it
+    rogue = json.loads(sdswarm_module("tests.swarm.rogue", mother.address, "tiny", str(tmp_path / "rogue")))
+    assert "bootstrap failed" in rogue["dht_error"] and rogue["state_parts"] == 0, rogue
+    assert rogue["join_group"] == ["PROTOCOL_VIOLATION"], rogue
+    for refusal in ("refused a DHT request from peer {}", "refused peer {}: it asked to join an averaging group",
+                    "refused peer {}: it asked to download the training state"):
+        mother.wait_until(lambda r=refusal: r.format(rogue["peer_id"]) in mother.log(), refusal, timeout=60)
     mother.wait_until(lambda: mother.epoch() >= 3, "swarm step 3")
 
     late = peers("late", join=first.address, max_steps=1000)  # any relay is an entry point
@@ -113,9 +130,28 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     newcomer.wait_until(lambda: "Averaged gradients with 2 peers" in newcomer.log(), "averaging with the survivor",
                         timeout=240)
     assert f"files from Bucket('http://{late.address}/api/v1/data/" in newcomer.log()  # the data did not go either
-    for peer in (late, newcomer):
-        peer.signal(signal.SIGTERM)
-        assert peer.wait_exit(timeout=120) == 0
+
+    # the co-admin bans the newcomer: the list is signed by the swarm key, and the survivor drops it
+    newcomer_id = re.search(r"DHT started \(peer id (\w+)\)", newcomer.log()).group(1)
+    assert newcomer_id in sdswarm("ban", newcomer_id, "--output", str(late.out))
+    late.wait_until(lambda: f"banned from the swarm: {newcomer_id}" in late.log(), "the ban taking effect")
+    late.wait_until(lambda: re.search(f"refused .*peer {newcomer_id}", late.log()), "the banned peer refused",
+                    timeout=180)
+    newcomer.kill()
+    late.signal(signal.SIGTERM)
+    assert late.wait_exit(timeout=120) == 0
+
+
+def sdswarm(*args: str) -> str:
+    return sdswarm_module("sdswarm", *args)
+
+
+def sdswarm_module(module: str, *args: str) -> str:
+    """`python -m MODULE ARGS` from the checkout, as a user runs it; its output."""
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_a_stop_stops_every_process_within_seconds_and_the_terminal_stays_readable(peers):
