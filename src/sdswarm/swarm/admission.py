@@ -25,9 +25,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator  # noqa: UP035 (hivemind reads typing.AsyncIterator in RPC annotations)
 
 import hivemind
 from hivemind.averaging import DecentralizedAverager
@@ -183,21 +183,25 @@ class GatedRPCs:
     async def _refuses(self, context: P2PContext, what: str) -> bool:
         return self.gate is not None and not await self.gate.admits(self.dht, context.remote_id, what)
 
-    async def rpc_join_group(self, request, context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+    # hivemind registers RPC handlers by their type annotations: these keep hivemind's own
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
         if await self._refuses(context, f"join an averaging group ({self.prefix})"):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for message in super().rpc_join_group(request, context):
             yield message
 
-    async def rpc_aggregate_part(self, stream, context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
         if await self._refuses(context, f"send a tensor part ({self.prefix})"):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for message in super().rpc_aggregate_part(stream, context):
             yield message
 
-    async def rpc_download_state(self, request, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
         if await self._refuses(context, f"download the training state ({self.prefix})"):
             return
         async for message in super().rpc_download_state(request, context):
