@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hivemind
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -42,16 +42,16 @@ def outsider(maddrs: list[str], run_id: str, folder: Path) -> dict:
 async def ask_averagers(maddrs: list[str], run_id: str, folder: Path) -> dict:
     """Call the mother's averaging RPCs over a bare libp2p connection, as a peer that skips the DHT would."""
     # the same identity as its refused DHT, which the mother may still see connected
-    p2p = await hivemind.P2P.create(initial_peers=maddrs, identity_path=str(folder / "identity.key"),
+    p2p = await P2P.create(initial_peers=maddrs, identity_path=str(folder / "identity.key"),
                                     check_if_identity_free=False)
     mother = PeerID.from_base58(maddrs[0].rsplit("/p2p/", 1)[1])
     found: dict = {}
     try:
         stub = DecentralizedAverager.get_stub(p2p, mother, namespace=f"{run_id}_grad_averager")
         request = averaging_pb2.JoinRequest(schema_hash=b"x", expiration=get_dht_time() + 10, gather=b"")
-        found["join_group"] = [averaging_pb2.MessageCode.Name(m.code) async for m in stub.rpc_join_group(request)]
+        found["join_group"] = [averaging_pb2.MessageCode.Name(m.code) async for m in await stub.rpc_join_group(request)]
         stub = DecentralizedAverager.get_stub(p2p, mother, namespace=f"{run_id}_state_averager")
-        found["state_parts"] = len([m async for m in stub.rpc_download_state(averaging_pb2.DownloadRequest())])
+        found["state_parts"] = len([m async for m in await stub.rpc_download_state(averaging_pb2.DownloadRequest())])
     finally:
         await p2p.shutdown()
     return found

@@ -9,11 +9,13 @@ import time
 
 import hivemind
 import pytest
-from hivemind.p2p import PeerID
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from sdswarm.swarm.admission import Admission, SwarmAuthorizer
+from sdswarm.swarm.admission import Admission, GatedAverager, SwarmAuthorizer
 from sdswarm.swarm.invites import (
     Access,
     AdmissionError,
@@ -134,3 +136,34 @@ def test_records_are_signed_by_their_owner_and_forgeries_are_refused(swarm, capl
     assert wait_for_peers(joiner_dht, "t", joiner.owner, count=1, timeout=5) == 1
     assert wait_for_peers(mother_dht, "t", mother.owner, count=2, timeout=5) == 2
     assert json.loads((mother.folder / "access.json").read_text())["token"]
+
+
+def test_the_averagers_serve_admitted_peers_only(swarm, caplog):
+    mother, mother_dht = swarm("mother", mother=True)
+    maddrs = [str(a) for a in mother_dht.get_visible_maddrs()]
+    joiner, joiner_dht = swarm("joiner", initial_peers=maddrs, invite_from=mother)
+    averager = GatedAverager([torch.ones(8)], dht=mother_dht, prefix="t_state", gate=mother.gate(), start=True)
+    try:
+        async def ask(p2p: P2P) -> tuple[list[str], int]:
+            stub = GatedAverager.get_stub(p2p, mother_dht.peer_id, namespace="t_state")
+            request = averaging_pb2.JoinRequest(schema_hash=b"x", expiration=get_dht_time() + 10)
+            joined = [averaging_pb2.MessageCode.Name(m.code) async for m in await stub.rpc_join_group(request)]
+            parts = [m async for m in await stub.rpc_download_state(averaging_pb2.DownloadRequest())]
+            return joined, len(parts)
+
+        async def as_outsider() -> tuple[str, tuple[list[str], int]]:
+            p2p = await P2P.create(initial_peers=maddrs)
+            try:
+                return p2p.peer_id.to_base58(), await ask(p2p)
+            finally:
+                await p2p.shutdown()
+
+        async def as_joiner() -> tuple[list[str], int]:
+            return await ask(await joiner_dht.replicate_p2p())
+
+        outsider_id, (joined, parts) = asyncio.run(as_outsider())
+        assert joined == ["PROTOCOL_VIOLATION"] and parts == 0
+        joined, parts = asyncio.run(as_joiner())
+        assert joined != ["PROTOCOL_VIOLATION"] and parts > 0  # hivemind's own answer, and the state
+    finally:
+        averager.shutdown()
