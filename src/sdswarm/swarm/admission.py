@@ -232,6 +232,7 @@ class Admission:
         self.run_id, self.folder, self.identity, self.access, self.admitter = run_id, folder, identity, access, admitter
         self.peer_id = peer_id_of(identity.get_public_key())
         self.bans = Bans(folder, access.swarm_public_key) if access else None
+        self._banned: frozenset[str] = frozenset()  # the bans this node has logged
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -311,6 +312,10 @@ class Admission:
         found = dht.get(bans_key(self.run_id), latest=True)
         for item in (found.value.values() if found is not None and isinstance(found.value, dict) else ()):
             self.bans.offer(item.value)
+        banned = self.bans.peers
+        if banned - self._banned:  # from the DHT, or `sdswarm ban` beside this node
+            log.warning("banned from the swarm: %s", ", ".join(sorted(banned - self._banned)))
+        self._banned = banned
         blob = self.bans.blob()
         if blob is not None:
             dht.store(bans_key(self.run_id), subkey=self.owner, value=blob, expiration_time=expiration)

@@ -265,9 +265,6 @@ class Bans:
         if found is None or found[0] <= self.current()[0]:
             return False
         write_atomic(self.path, blob)
-        newly = found[1] - self._seen[2]
-        if newly:
-            log.warning("banned from the swarm: %s", ", ".join(sorted(newly)))
         return True
 
 
