@@ -45,11 +45,12 @@ def admit_routes(admit: Callable[[Any], dict[str, Any]]) -> list[web.RouteDef]:
 
     async def handle(request: web.Request) -> web.Response:
         try:
-            body = await request.content.read(1 << 14)  # an invite and a key: about 1 KB
-            answer = await asyncio.to_thread(admit, json.loads(body))
+            body = json.loads(await request.content.read(1 << 14))  # an invite and a key: about 1 KB
         except (ValueError, UnicodeDecodeError):
             return web.json_response({"error": "send JSON: {\"invite\": ..., \"public_key\": ...}"}, status=400)
-        except AdmissionError as exc:
+        try:
+            answer = await asyncio.to_thread(admit, body)
+        except AdmissionError as exc:  # a ValueError too: caught apart from the body's
             log.warning("refused an invite from %s: %s", request.remote, exc)
             return web.json_response({"error": str(exc)}, status=403)
         return web.json_response(answer)
