@@ -15,18 +15,22 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from sdswarm.swarm.admission import Admission, GatedAverager, SwarmAuthorizer
+from sdswarm.swarm.admission import Admission, GatedAverager, SwarmAuthorizer, _post_admit, request_access
 from sdswarm.swarm.invites import (
     Access,
     AdmissionError,
+    Admitter,
     Bans,
     ban,
     issue_token,
     load_identity,
+    load_or_create_swarm_key,
     make_invite,
+    peer_id_of,
     read_invite,
 )
 from sdswarm.swarm.telemetry import PeerMetrics, metrics_key, publish, read_peers, wait_for_peers
+from sdswarm.web.server import HttpServer, admit_routes
 
 
 @pytest.fixture
@@ -167,3 +171,21 @@ def test_the_averagers_serve_admitted_peers_only(swarm, caplog):
         assert joined != ["PROTOCOL_VIOLATION"] and parts > 0  # hivemind's own answer, and the state
     finally:
         averager.shutdown()
+
+
+def test_a_relay_answers_invites_over_http(tmp_path):
+    key = load_or_create_swarm_key(tmp_path)
+    server = HttpServer(admit_routes(Admitter(key, tmp_path).admit), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.start()}"
+    try:
+        invite, first = make_invite(key), load_identity(tmp_path / "first.key")
+        access = request_access(url, invite, first.get_public_key())
+        assert access.token.username == peer_id_of(first.get_public_key())
+        with pytest.raises(AdmissionError, match="refused the invite: this invite has already admitted another peer"):
+            request_access(url, invite, RSAPrivateKey().get_public_key())
+        with pytest.raises(AdmissionError, match="refused the invite: the invite was not signed by this swarm"):
+            request_access(url, make_invite(RSAPrivateKey()), first.get_public_key())
+        with pytest.raises(AdmissionError, match="refused the invite: send {"):
+            _post_admit(url, "not an object")
+    finally:
+        server.stop()
