@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import hivemind
-from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from sdswarm.swarm.admission import SwarmAuthorizer
+from sdswarm.swarm.admission import GatedGradientAverager, GatedStateAverager, SwarmAuthorizer
 from sdswarm.swarm.exchange import fetch_peers
 from sdswarm.swarm.invites import Access, Bans, issue_token, load_identity
 from sdswarm.swarm.telemetry import metrics_key
@@ -47,10 +46,11 @@ async def ask_averagers(maddrs: list[str], run_id: str, folder: Path) -> dict:
     mother = PeerID.from_base58(maddrs[0].rsplit("/p2p/", 1)[1])
     found: dict = {}
     try:
-        stub = DecentralizedAverager.get_stub(p2p, mother, namespace=f"{run_id}_grad_averager")
+        # hivemind names a handler by its class: the mother's averagers are sdswarm's gated ones
+        stub = GatedGradientAverager.get_stub(p2p, mother, namespace=f"{run_id}_grad_averager")
         request = averaging_pb2.JoinRequest(schema_hash=b"x", expiration=get_dht_time() + 10, gather=b"")
         found["join_group"] = [averaging_pb2.MessageCode.Name(m.code) async for m in await stub.rpc_join_group(request)]
-        stub = DecentralizedAverager.get_stub(p2p, mother, namespace=f"{run_id}_state_averager")
+        stub = GatedStateAverager.get_stub(p2p, mother, namespace=f"{run_id}_state_averager")
         found["state_parts"] = len([m async for m in await stub.rpc_download_state(averaging_pb2.DownloadRequest())])
     finally:
         await p2p.shutdown()
