@@ -1,10 +1,12 @@
-"""Command line: mother, join, status, settings; and `python server.py -m CONFIG` / `-j ADDRESS` as in the how-to."""
+"""Command line: mother, join, status, settings, invite, ban; and `python server.py -m CONFIG` / `-j ADDRESS` as in the
+how-to."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +52,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hivemind's progress lines on the terminal too (they are always in OUTPUT/node.log)")
 
 
+def add_invite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--invite", default=None, metavar="INVITE",
+                        help="the invite the swarm's mother gave you (sdswarm invite prints the whole command); needed "
+                             "once: the node keeps its access (OUTPUT/access.json). Or set SDSWARM_INVITE")
+
+
 def add_rejoin_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", action="append", default=[], metavar="ADDRESS",
                         help="rejoin a running swarm: a relay's HOST:PORT or a DHT multiaddr (repeatable); with "
@@ -68,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     join = commands.add_parser("join", help="join a swarm through any relay and train with it")
     join.add_argument("address", help="a relay's I.E address, HOST:PORT (the command a relay prints)")
     add_training_arguments(join)
+    add_invite_argument(join)
 
     server = commands.add_parser("server", help="the how-to's server.py: -m CONFIG or -j ADDRESS")
     start = server.add_mutually_exclusive_group(required=True)
@@ -75,9 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("-j", "--join", metavar="ADDRESS", help="join the swarm through the relay at ADDRESS")
     add_training_arguments(server)
     add_rejoin_argument(server)
+    add_invite_argument(server)
 
     status = commands.add_parser("status", help="show a swarm: peers, throughput, progress toward the target batch")
     status.add_argument("address", help="a relay's I.E address, HOST:PORT")
+
+    invite = commands.add_parser(
+        "invite", help="print a join command with an invite for one new peer (run it beside the mother)",
+        description="The invite is signed by the swarm's key (OUTPUT/swarm.key, made by the mother) and admits the "
+                    "first peer that joins with it, within --hours.")
+    invite.add_argument("--output", default="output", help="the mother's folder (default: %(default)s)")
+    invite.add_argument("--hours", type=float, default=24.0, help="how long the invite may be used (default: 24)")
+    invite.add_argument("--address", help="the relay address joiners use, HOST:PORT (default: from the node settings)")
+
+    ban = commands.add_parser(
+        "ban", help="ban peers from the swarm (run it beside the mother); the running node spreads the ban list",
+        description="Banned peers get no answer from any peer's DHT, averaging rounds or state downloads.")
+    ban.add_argument("peer_ids", nargs="+", metavar="PEER_ID", help="a peer id, as `sdswarm status` and the UI show it")
+    ban.add_argument("--output", default="output", help="the mother's folder (default: %(default)s)")
+    ban.add_argument("--lift", action="store_true", help="lift the ban on these peers instead")
 
     settings = commands.add_parser(
         "settings", help="show or change this node's relay settings",
@@ -121,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return show_status(args.address)
         if args.command == "settings":
             return edit_settings(Path(args.output), args.changes)
+        if args.command == "invite":
+            return print_invite(Path(args.output), args.hours, args.address)
+        if args.command == "ban":
+            return ban_peers(Path(args.output), args.peer_ids, lift=args.lift)
         if args.command == "index":
             return build_index(args.from_folder, args.from_dump, args.out)
         if args.command == "export":
@@ -134,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["output.log_with"] = args.log_with
         join_address = args.address if args.command == "join" else getattr(args, "join", None)
         if join_address is not None:
-            return join(join_address, overrides, resume=args.resume)
+            invite = args.invite or os.environ.get("SDSWARM_INVITE")
+            return join(join_address, overrides, resume=args.resume, invite=invite)
         config = load_config(args.config if args.command == "mother" else args.mother, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -145,13 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()  # it warns about image processors SD training never uses
     try:
         run_mother(config, resume=args.resume, peers=args.peers)
-    except ConfigError as exc:  # the model, the index or a LoRA base, checked before training starts
+    except ConfigError as exc:  # the model, the index, a LoRA base, the swarm key: before training
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def join(address: str, overrides: dict, *, resume: bool) -> int:
+def join(address: str, overrides: dict, *, resume: bool, invite: str | None = None) -> int:
     from sdswarm.node import run_node
     from sdswarm.swarm.exchange import ExchangeError, fetch_join_info
     from sdswarm.swarm.settings import load_settings
@@ -172,8 +202,8 @@ def join(address: str, overrides: dict, *, resume: bool) -> int:
     transformers.logging.set_verbosity_error()
     try:
         run_node(info.config, role="joiner", settings=settings, initial_peers=info.peers, resume=resume,
-                 relay=info.base_url, swarm_base=info.base_model)
-    except ConfigError as exc:  # the model, the index or a LoRA base, checked before training starts
+                 relay=info.base_url, swarm_base=info.base_model, invite=invite)
+    except ConfigError as exc:  # the model, the index, a LoRA base, the invite: before training
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -328,6 +358,40 @@ def _shown(value: float | None, spec: str = "") -> str:
 def _text(value: object, width: int) -> str:
     """At most `width` printable characters of a value another peer sent (no terminal escape sequences)."""
     return "".join(ch for ch in str(value)[:4 * width] if ch.isprintable())[:width]
+
+
+def print_invite(folder: Path, hours: float, address: str | None) -> int:
+    from sdswarm.swarm.invites import join_command, load_swarm_key, make_invite
+    from sdswarm.swarm.settings import load_settings
+
+    if not hours > 0:
+        print("error: --hours must be above 0", file=sys.stderr)
+        return 2
+    try:
+        invite = make_invite(load_swarm_key(folder), hours)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if address is None:
+        settings = load_settings(folder)
+        host = settings.public_address or settings.listen_host
+        host = "HOST" if host in ("0.0.0.0", "::") else host
+        address = f"{host}:{settings.ie_port_external or settings.ie_port_internal}"
+    print(f"# admits one peer, within {hours:g} hours; the joiner runs:\n{join_command(address, invite)}")
+    return 0
+
+
+def ban_peers(folder: Path, peer_ids: Sequence[str], *, lift: bool) -> int:
+    from sdswarm.swarm.invites import ban
+
+    try:
+        banned = ban(folder, list(peer_ids), lift=lift)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"banned peers ({len(banned)}): {', '.join(sorted(banned)) or 'none'}; the running node spreads the list "
+          "within seconds")
+    return 0
 
 
 def edit_settings(folder: Path, changes: Sequence[str]) -> int:

@@ -178,6 +178,9 @@ class SwarmConfig(Section):
     min_peers: Annotated[int, Field(ge=1, le=1000)] = Field(
         1, description="start-up barrier: peers to wait for before the first step")
     startup_timeout: Seconds = Field(600.0, description="how long the barrier waits before training anyway")
+    access: Literal["invite", "open"] = Field(
+        "invite", description="invite: only peers with an invite from the mother (sdswarm invite) join; open: any "
+        "peer that reaches a relay joins")
 
     @model_validator(mode="after")
     def _check_request_timeout(self) -> SwarmConfig:

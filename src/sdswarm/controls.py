@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdswarm.data.chunks import DataStats
+from sdswarm.swarm.admission import Admission
+from sdswarm.swarm.invites import AdmissionError, ban, join_command, make_invite
 from sdswarm.swarm.settings import SETTINGS_FILE, NodeSettings, load_settings, save_settings, update_settings
 from sdswarm.swarm.telemetry import SwarmView
 from sdswarm.train.loop import METRICS_FILE, Trainer
@@ -71,6 +73,7 @@ class NodeControls:
         stop_training: threading.Event,
         quit: threading.Event,
         training: dict | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.trainer, self.output_dir, self._settings_dir = trainer, trainer.output_dir, settings_dir
         self._run_id, self._swarm_view, self._data_stats = run_id, swarm_view, data_stats
@@ -83,6 +86,7 @@ class NodeControls:
         self._swarm_cache: tuple[float, dict] = (-SWARM_REFRESH, {})
         self._history = MetricsHistory(self.output_dir / METRICS_FILE)
         self._save_lock = threading.Lock()
+        self._admission = admission
 
     # --- read ---
 
@@ -137,6 +141,18 @@ class NodeControls:
         if self.state == "stopped":
             raise RuntimeError("training is already stopped")
         self.stop_training.set()
+
+    def invite(self, hours: float) -> str:
+        if self._admission is None or self._admission.admitter is None:
+            raise AdmissionError("this node holds no swarm key (an open swarm, or not its mother): invites come from "
+                                 "the mother")
+        address = self.join_address or "HOST:PORT"
+        return join_command(address, make_invite(self._admission.admitter.swarm_key, hours))
+
+    def ban(self, peer_ids: list[str], lift: bool) -> list[str]:
+        if self._admission is None or self._admission.admitter is None:
+            raise AdmissionError("this node holds no swarm key: bans come from the mother")
+        return sorted(ban(self.output_dir, peer_ids, lift=lift))
 
     def save_checkpoint(self) -> None:
         if self.state != "stopped":

@@ -41,6 +41,7 @@ from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
 from sdswarm.model.lora import BaseIdentity, add_adapters, base_identity, check_base, load_adapters, read_base, size_of
 from sdswarm.model.text import PromptEncoder
+from sdswarm.swarm.admission import Admission, forward_admit
 from sdswarm.swarm.exchange import (
     DATA_PATH,
     PROTOCOL,
@@ -87,7 +88,7 @@ from sdswarm.train.trackers import open_trackers
 from sdswarm.web.app import create_app
 from sdswarm.web.auth import load_or_create_token
 from sdswarm.web.log_tail import LogTail
-from sdswarm.web.server import HttpServer, exchange_routes
+from sdswarm.web.server import HttpServer, admit_routes, exchange_routes
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +252,11 @@ def run_node(
     resume: bool = False,
     relay: str | None = None,
     swarm_base: BaseIdentity | None = None,
+    invite: str | None = None,
 ) -> RunSummary:
     """Train as the mother or as a joiner (`relay`: the base URL of the relay it joined through; `swarm_base`: the
-    base model of the LoRA swarm being joined, which this peer's must match)."""
+    base model of the LoRA swarm being joined, which this peer's must match; `invite`: a joiner's invitation, presented
+    to `relay` for its access token)."""
     torch.manual_seed(config.seed)
     device = pick_device(config.train.device)
     checkpoints, resume_from = open_output(config, resume)
@@ -263,6 +266,9 @@ def run_node(
     index = find_index(config, relay)
     state = load_training_state(resume_from) if resume_from is not None else None
     resumed_slot = state["progress"].get("data_slot") if state is not None else None
+    admission = Admission.for_node(access_mode=config.swarm.access, run_id=config.swarm.run_id,
+                                   folder=config.output.dir, identity_path=config.output.dir / IDENTITY_FILE,
+                                   mother=role == "mother", invite=invite, relay=relay)
     stop_training, quit_node = threading.Event(), threading.Event()
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
         # before any fork: the children log there too
@@ -270,11 +276,14 @@ def run_node(
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
         dht_options = dict(host_maddrs=settings.dht_host_maddrs(), announce_maddrs=settings.dht_announce_maddrs(),
-                           client_mode=settings.client_mode, identity_path=str(config.output.dir / IDENTITY_FILE))
+                           client_mode=settings.client_mode, identity_path=str(config.output.dir / IDENTITY_FILE),
+                           **admission.dht_options())
         dht = (start_dht_rejoining(rejoin, **dht_options) if rejoin and not initial_peers
                else start_dht(initial_peers=initial_peers, **dht_options))
         cleanup.callback(stop_dht, dht)
         peer_id = str(dht.peer_id)
+        admission.start(dht)
+        cleanup.callback(admission.stop)
         seed = peer_seed(config.seed, peer_id, role)
 
         # the data slot is chosen before each round among the slots the other peers publish (after the
@@ -283,7 +292,7 @@ def run_node(
                               peer_id), relay=relay, index=index, start_slot=resumed_slot)
         cleanup.callback(stream.close)
         trainer = build_trainer(config, dht, stream, checkpoints, resume_from, state, seed=seed, device=device,
-                                cleanup=cleanup, swarm_base=swarm_base)
+                                cleanup=cleanup, swarm_base=swarm_base, admission=admission)
         del state
         health = watch_health(config, dht, trainer, cleanup)
         controls = NodeControls(
@@ -291,14 +300,16 @@ def run_node(
             swarm_view=partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size),
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
-            training=training_mode(config, trainer.trainable, trainer.lora_base),
+            training=training_mode(config, trainer.trainable, trainer.lora_base), admission=admission,
         )
-        address = start_http(config, settings, dht, controls, cleanup, index, lora_base=trainer.lora_base)
-        publish_metrics(dht, config.swarm.run_id, trainer, stream, peer_id=peer_id, address=address,
+        address = start_http(config, settings, dht, controls, cleanup, index, lora_base=trainer.lora_base,
+                             admission=admission)
+        publish_metrics(dht, config.swarm.run_id, trainer, stream, peer_id=peer_id, owner=admission.owner,
+                        address=address,
                         role="mother" if role == "mother" else settings.mode, cleanup=cleanup,
                         state=lambda: controls.state, health=health, remember_in=config.output.dir)
 
-        joined = join_swarm(trainer.optimizer, dht, config.swarm, peer_id)
+        joined = join_swarm(trainer.optimizer, dht, config.swarm, admission.owner)
         if trainer.lora_base is not None:  # again: the peers that started with this one have published by now
             check_peer_bases(dht, config.swarm.run_id, peer_id, trainer.lora_base)
         if not joined and config.swarm.min_peers > 1:
@@ -331,7 +342,8 @@ def open_output(config: Config, resume: bool) -> tuple[Checkpoints, Path | None]
 
 def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkpoints: Checkpoints,
                   resume_from: Path | None, state: dict | None, *, seed: int, device: torch.device,
-                  cleanup: contextlib.ExitStack, swarm_base: BaseIdentity | None = None) -> Trainer:
+                  cleanup: contextlib.ExitStack, swarm_base: BaseIdentity | None = None,
+                  admission: Admission | None = None) -> Trainer:
     """The model on its device, hivemind's optimizer over its trainable parameters, and the trainer (resumed
     from `resume_from` and its training `state` when given). LoRA: adapters on the base, which must be
     `swarm_base` when given."""
@@ -353,6 +365,7 @@ def build_trainer(config: Config, dht: hivemind.DHT, stream: BatchStream, checkp
         weight_decay=config.opt_weight_decay, max_grad_norm=config.train.max_grad_norm,
         optimizer_8bit=config.train.optimizer_8bit,
         mapped_state_dir=Path(config.output.dir) / "swarm_state",  # DiLoCo on the CPU: the global weights' files
+        identity=admission.identity if admission else None, gate=admission.gate() if admission else None,
     )
     cleanup.callback(optimizer.shutdown)
     trainer = Trainer(
@@ -390,13 +403,13 @@ def latent_cache(config: Config) -> LatentCache | None:
 
 
 def publish_metrics(dht: hivemind.DHT, run_id: str, trainer: Trainer, stream: BatchStream, *, peer_id: str,
-                    address: str | None, role: str, cleanup: contextlib.ExitStack,
+                    owner: bytes, address: str | None, role: str, cleanup: contextlib.ExitStack,
                     state: Callable[[], str] = lambda: "training", health: SwarmHealth | None = None,
                     remember_in: Path | None = None) -> None:
     """This peer's figures in the DHT, for the other peers' UIs, until the node stops; and, in `remember_in`,
     the addresses of the peers it sees (OUTPUT/peers, for a restart)."""
     publisher = Publisher(dht, run_id, lambda: peer_metrics(
-        trainer.progress, peer_id, role, address, stream.chunks.slot, state(), health, trainer.lora_base),
+        trainer.progress, peer_id, role, address, stream.chunks.slot, state(), health, trainer.lora_base), owner,
         after=None if remember_in is None else partial(keep_peer_addresses, dht, run_id, peer_id, remember_in))
     publisher.start()
     cleanup.callback(publisher.stop)
@@ -504,7 +517,7 @@ def training_mode(config: Config, trainable: Sequence[torch.nn.Parameter], lora_
             "base_model": lora_base.to_json() if lora_base else None}
 
 
-def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig, peer_id: str) -> bool:
+def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig, owner: bytes) -> bool:
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
@@ -521,12 +534,13 @@ def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig,
         log.info("start-up barrier skipped: hivemind already sees %d peers training", training)
         return True
     if swarm.min_peers > 1:
-        wait_for_peers(dht, swarm.run_id, peer_id, swarm.min_peers, swarm.startup_timeout)
+        wait_for_peers(dht, swarm.run_id, owner, swarm.min_peers, swarm.startup_timeout)
     return False
 
 
 def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, controls: NodeControls,
-               cleanup: contextlib.ExitStack, index: SharedIndex, lora_base: BaseIdentity | None = None) -> str | None:
+               cleanup: contextlib.ExitStack, index: SharedIndex, lora_base: BaseIdentity | None = None,
+               admission: Admission | None = None) -> str | None:
     """Serve the web UI, and on a relay the I.E endpoints beside it; return the address a friend joins with.
 
     A relay listens where its settings say; a client serves only its own UI, on loopback.
@@ -546,6 +560,9 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
     )
     if routes:  # every relay serves the index it trains on: its joiners need no local copy
         routes += index_routes(index.file, index.sha256)
+    if routes and admission is not None and admission.access is not None:  # an invite-only swarm's relay
+        routes += admit_routes(admission.admitter.admit if admission.admitter is not None else partial(
+            forward_admit, admitting_relays=partial(mother_addresses, dht, config.swarm.run_id)))
     if routes and config.data.source == BUILTIN_DEMO:  # the demo is a real bucket, served by every relay
         routes += bucket_routes(demo_dir(), prefix=DATA_PATH)
     host = "127.0.0.1" if settings.client_mode else settings.listen_host
@@ -559,7 +576,11 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
         return None
     address = f"{settings.public_address or settings.listen_host}:{settings.ie_port_external or port}"
     controls.join_address = address
-    log.info("relay: others join this swarm with:  sdswarm join %s", address)
+    if admission is not None and admission.access is not None:
+        log.info("relay: others join this swarm with:  sdswarm join %s --invite INVITE  (sdswarm invite --output %s "
+                 "prints one)", address, out)
+    else:
+        log.info("relay: others join this swarm with:  sdswarm join %s", address)
     return address
 
 
@@ -586,6 +607,13 @@ def keep_peer_addresses(dht: hivemind.DHT, run_id: str, peer_id: str, output_dir
     relays = [m.address for m in read_peers(dht, run_id)
               if m.peer_id != peer_id and m.address and now - m.time <= GONE_AFTER]
     remember_peers(output_dir, relays + connected_peer_addresses(dht))
+
+
+def mother_addresses(dht: hivemind.DHT, run_id: str) -> list[str]:
+    """The relay addresses of the live mothers (the nodes that admit peers), from their signed metrics."""
+    now = time.time()
+    return [m.address for m in read_peers(dht, run_id)
+            if m.role == "mother" and m.address and now - m.time <= GONE_AFTER]
 
 
 def choose_data_slot(dht: hivemind.DHT, config: Config, peer_id: str, current: int | None) -> int:

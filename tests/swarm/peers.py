@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdswarm.swarm.invites import SWARM_KEY_FILE, load_swarm_key, make_invite
 from sdswarm.swarm.settings import NodeSettings, save_settings
 from tests.conftest import ROOT
 
@@ -58,6 +59,10 @@ class Peer:
 
     def start(self) -> Peer:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
+        if self.join is not None and "SDSWARM_INVITE" not in env:  # invited by the swarm key of the test's mother
+            keys = sorted(self.out.parent.glob(f"*/{SWARM_KEY_FILE}"))
+            if keys:
+                env["SDSWARM_INVITE"] = make_invite(load_swarm_key(keys[0].parent))
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

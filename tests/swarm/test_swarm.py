@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -14,6 +19,8 @@ from safetensors.torch import load_file
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.swarm.exchange import fetch_swarm_view
+from sdswarm.swarm.invites import SWARM_KEY_FILE
+from tests.conftest import ROOT
 from tests.swarm.peers import Peer, Rogue
 
 pytestmark = pytest.mark.swarm
@@ -82,13 +89,29 @@ def l2(tensors) -> float:
     return math.sqrt(sum(t.double().square().sum().item() for t in tensors))
 
 
-def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers):
+def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(peers, tmp_path):
     mother = peers("mother", max_steps=1000, **{"swarm.min_peers": 2}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
-    first = peers("first", join=mother.address, max_steps=1000).start()
+    # invited with the command `sdswarm invite` prints beside the mother
+    command = sdswarm("invite", "--output", str(mother.out), "--hours", "1").splitlines()[-1]
+    assert command.startswith(f"python server.py -j {mother.address} --invite ")
+    first = peers("first", join=mother.address, max_steps=1000,
+                  env={"SDSWARM_INVITE": command.split("--invite ")[1]}).start()
+
+    # an uninvited peer: the DHT, a group and a state download refuse it, and the mother's log names it
+    rogue = json.loads(sdswarm_module("tests.swarm.outsider", mother.address, "tiny", str(tmp_path / "rogue")))
+    assert "bootstrap failed" in rogue["dht_error"] and rogue["state_parts"] == 0, rogue
+    assert rogue["join_group"] == ["PROTOCOL_VIOLATION"], rogue
+    for refusal in ("refused a DHT request from peer {}", "refused peer {}: it asked to join an averaging group",
+                    "refused peer {}: it asked to download the training state"):
+        mother.wait_until(lambda r=refusal: r.format(rogue["peer_id"]) in mother.log(), refusal, timeout=60)
     mother.wait_until(lambda: mother.epoch() >= 3, "swarm step 3")
 
-    late = peers("late", join=first.address, max_steps=1000).start()  # any relay is an entry point
+    late = peers("late", join=first.address, max_steps=1000)  # any relay is an entry point
+    # a co-admin: given a copy of the swarm key, it admits newcomers while the mother is away
+    late.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mother.out / SWARM_KEY_FILE, late.out / SWARM_KEY_FILE)
+    late.start()
     late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state")
     late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "averaging with all three")
 
@@ -108,9 +131,28 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     newcomer.wait_until(lambda: "Averaged gradients with 2 peers" in newcomer.log(), "averaging with the survivor",
                         timeout=240)
     assert f"files from Bucket('http://{late.address}/api/v1/data/" in newcomer.log()  # the data did not go either
-    for peer in (late, newcomer):
-        peer.signal(signal.SIGTERM)
-        assert peer.wait_exit(timeout=120) == 0
+
+    # the co-admin bans the newcomer: the list is signed by the swarm key, and the survivor drops it
+    newcomer_id = re.search(r"DHT started \(peer id (\w+)\)", newcomer.log()).group(1)
+    assert newcomer_id in sdswarm("ban", newcomer_id, "--output", str(late.out))
+    late.wait_until(lambda: f"banned from the swarm: {newcomer_id}" in late.log(), "the ban taking effect")
+    late.wait_until(lambda: re.search(f"refused .*peer {newcomer_id}", late.log()), "the banned peer refused",
+                    timeout=180)
+    newcomer.kill()
+    late.signal(signal.SIGTERM)
+    assert late.wait_exit(timeout=120) == 0
+
+
+def sdswarm(*args: str) -> str:
+    return sdswarm_module("sdswarm", *args)
+
+
+def sdswarm_module(module: str, *args: str) -> str:
+    """`python -m MODULE ARGS` from the checkout, as a user runs it; its output."""
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_a_stop_stops_every_process_within_seconds_and_the_terminal_stays_readable(peers):
@@ -185,8 +227,8 @@ def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peer
     """Two rogues join through the mother's public answer: one reports swarm step 1000 with weights of 1234.0 (on
     hivemind as it is, the mother downloaded them within seconds and trained on NaN from then on), one sends NaN and
     1e6x gradient parts. The honest peers ignore the first, refuse or clip the second's parts naming it, and train on
-    as one model."""
-    mother = peers("mother", max_steps=100_000, **{"swarm.min_peers": 2}).start()
+    as one model. The swarm is open (`swarm.access: open`): in an invite-only one they would be admitted members."""
+    mother = peers("mother", max_steps=100_000, **{"swarm.min_peers": 2, "swarm.access": "open"}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     joiner = peers("joiner", join=mother.address, max_steps=100_000).start()
     honest = (mother, joiner)

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdswarm.atomic import atomic_path
+from sdswarm.config import ConfigError
 from sdswarm.swarm.settings import NodeSettings, save_settings, update_settings
 
 MODEL_FILES = {  # a checkpoint's files (the diffusers layout) with small stand-in contents
@@ -202,6 +203,16 @@ class FakeNode:
         with self._lock:
             step, self.state = self.step, "stopped"
         self.write_checkpoint(step)
+
+    def invite(self, hours: float) -> str:
+        self.calls.append("invite")
+        return f"python server.py -j 127.0.0.1:8765 --invite fake-{hours:g}h"
+
+    def ban(self, peer_ids: list[str], lift: bool) -> list[str]:
+        self.calls.append("ban")
+        if not all(p.startswith("Qm") for p in peer_ids):
+            raise ConfigError(f"{peer_ids[0]!r} is not a peer id")
+        return [] if lift else sorted(peer_ids)
 
     def save_checkpoint(self) -> None:
         self._control("save_checkpoint")

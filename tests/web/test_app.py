@@ -132,7 +132,8 @@ def test_settings_are_public_to_read(served):
 # --- admin: refused without the token ---
 
 ADMIN_CALLS = [("/api/ui/settings", {"public_address": "evil.example.org"}), ("/api/ui/control/start", {}),
-               ("/api/ui/control/stop", {}), ("/api/ui/control/checkpoint", {})]
+               ("/api/ui/control/stop", {}), ("/api/ui/control/checkpoint", {}), ("/api/ui/invite", {"hours": 1}),
+               ("/api/ui/ban", {"peer_ids": ["QmPeer"]})]
 
 
 @pytest.mark.parametrize(("path", "body"), ADMIN_CALLS)
@@ -160,6 +161,19 @@ def test_admin_check(served):
     assert served.get("/api/ui/admin", headers={"X-Admin-Token": "nope"}).status == 403
     assert served.get("/api/ui/admin", headers={"X-Admin-Token": TOKEN}).json() == {"admin": True}
     assert served.get("/api/ui/admin", admin=True).status == 200
+
+
+def test_invites_and_bans_need_the_admin_token_and_check_their_input(served):
+    answer = served.post("/api/ui/invite", body={"hours": 2}, admin=True)
+    assert answer.json()["command"] == "python server.py -j 127.0.0.1:8765 --invite fake-2h"
+    for bad in ({"hours": 0}, {"hours": True}, {"hours": "soon"}):
+        assert served.post("/api/ui/invite", body=bad, admin=True).status == 400
+    assert served.post("/api/ui/ban", body={"peer_ids": ["QmPeer"]}, admin=True).json() == {"banned": ["QmPeer"]}
+    assert served.post("/api/ui/ban", body={"peer_ids": ["QmPeer"], "lift": True}, admin=True).json() == {"banned": []}
+    for bad in ({}, {"peer_ids": []}, {"peer_ids": "QmPeer"}, {"peer_ids": [1]}):
+        assert served.post("/api/ui/ban", body=bad, admin=True).status == 400
+    refused = served.post("/api/ui/ban", body={"peer_ids": ["nonsense"]}, admin=True)
+    assert refused.status == 400 and "not a peer id" in refused.json()["error"]
 
 
 # --- settings ---

@@ -38,6 +38,7 @@ from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
+from sdswarm.swarm.admission import Gate, GatedRPCs
 from sdswarm.swarm.validation import CheckedAveraging, lower_median
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class CheckedDownloads(DecentralizedAverager):
                 raise
 
 
-class CheckedStateAverager(CheckedAveraging, TrainingStateAverager, CheckedDownloads):
+class CheckedStateAverager(GatedRPCs, CheckedAveraging, TrainingStateAverager, CheckedDownloads):
     """hivemind's training state averager: its rounds checked (swarm/validation.py), its downloads checked here."""
 
     refusal_kind = "parameters"
@@ -252,7 +253,12 @@ def state_change(local: Sequence[torch.Tensor], loaded: Sequence[torch.Tensor]) 
 
 class GuardedOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer with the trusted tracker, the checked state averager and (through make_optimizer's
-    grad_averager_factory) the checked gradient averager."""
+    grad_averager_factory) the checked gradient averager; `gate`: who may join its rounds and download its state
+    (swarm/admission.py; None: anyone)."""
+
+    def __init__(self, *, gate: Gate | None = None, **kwargs) -> None:
+        self._gate = gate  # before hivemind.Optimizer makes its state averager
+        super().__init__(**kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         return TrustedProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
@@ -265,7 +271,7 @@ class GuardedOptimizer(hivemind.Optimizer):
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
             status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, gate=self._gate, **kwargs)
         trust(averager, self.tracker)
         return averager
 

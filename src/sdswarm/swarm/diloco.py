@@ -38,6 +38,7 @@ from hivemind.compression import CompressionBase, CompressionInfo, TensorRole
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from sdswarm.swarm.admission import Gate
 from sdswarm.swarm.catch_up import CheckedStateAverager, TrustedProgressTracker, trust
 from sdswarm.swarm.host_memory import mapped_copy, share_before_fork
 from sdswarm.swarm.validation import CheckedDecentralizedAverager
@@ -120,6 +121,8 @@ class DiLoCoOptimizer:
         in_place: bool = False,
         mapped_state_dir: Path | None = None,
         verbose: bool = True,
+        private_key: RSAPrivateKey | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.dht, self.params = dht, list(params)
         self.in_place = in_place
@@ -131,10 +134,11 @@ class DiLoCoOptimizer:
         self.load_state_timeout, self.download_bytes = load_state_timeout, download_bytes
         self.client_mode = client_mode
         loglevel = logging.INFO if verbose else logging.DEBUG
-        # its own signing key (hivemind's default is one per process): peers in one process stay apart (tests)
+        # the key the DHT signs this peer's records with; else its own (hivemind's default is one per process):
+        # peers in one process stay apart (tests)
         self.tracker = TrustedProgressTracker(
             dht=dht, prefix=run_id, target_batch_size=local_steps * batch_size_per_step, client_mode=client_mode,
-            status_loglevel=loglevel, private_key=RSAPrivateKey(), start=True)
+            status_loglevel=loglevel, private_key=private_key or RSAPrivateKey(), start=True)
         # the global weights (host copy, fp32) with the outer SGD on them; serves and loads the joiner's download.
         # mapped_state_dir: they and the outer momentum in file mappings there (touched once per swarm step, so a
         # CPU-only peer's memory holds what it trains with: local weights, .grad, AdamW's moments)
@@ -148,7 +152,7 @@ class DiLoCoOptimizer:
                                           folder=mapped_state_dir if in_place else None),
             offload_optimizer=True, custom_gradients=True, state_compression=state_compression,
             min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout, next_chunk_timeout=None,
-            client_mode=client_mode, status_loglevel=loglevel, start=True,
+            client_mode=client_mode, status_loglevel=loglevel, start=True, gate=gate,
         )
         trust(self.state_averager, self.tracker)
         self.global_params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
@@ -158,7 +162,7 @@ class DiLoCoOptimizer:
             compression=compression, min_matchmaking_time=matchmaking_time, allreduce_timeout=allreduce_timeout,
             tensor_infos=[CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT)
                           for i, t in enumerate(self.pseudo_gradients)],
-            client_mode=client_mode, allow_state_sharing=False, start=True,
+            client_mode=client_mode, allow_state_sharing=False, start=True, gate=gate,
         )
         self.scheduled: StepControl | None = None
         self.steps_since_outer = 0

@@ -28,8 +28,10 @@ def start_dht(
     announce_maddrs: Sequence[str] = (),
     client_mode: bool = False,
     identity_path: str | None = None,
+    **options,
 ) -> hivemind.DHT:
-    """Start this node's DHT; alone (no initial peers) it is the first node of a new swarm."""
+    """Start this node's DHT; alone (no initial peers) it is the first node of a new swarm. `options`: hivemind's
+    (the authorizer and record validators of swarm/admission.py)."""
     with _p2p_daemon_in_its_own_session():
         dht = hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -38,6 +40,7 @@ def start_dht(
             client_mode=client_mode,
             identity_path=identity_path,
             start=True,
+            **options,
         )
     addresses = [str(addr) for addr in dht.get_visible_maddrs()]
     log.info("DHT started (peer id %s); reachable at: %s", dht.peer_id, ", ".join(addresses) or "(client mode)")

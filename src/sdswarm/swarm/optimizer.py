@@ -25,8 +25,10 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
+from hivemind.utils.crypto import RSAPrivateKey
 
 from sdswarm.config import SwarmConfig
+from sdswarm.swarm.admission import Gate
 from sdswarm.swarm.catch_up import GuardedOptimizer
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
@@ -223,10 +225,15 @@ def make_optimizer(
     in_place: bool | None = None,
     mapped_state_dir: Path | None = None,
     verbose: bool = True,
+    identity: RSAPrivateKey | None = None,
+    gate: Gate | None = None,
 ) -> SwarmOptimizer:
     """Only trainable tensors may be given: hivemind would average frozen ones too. `in_place`: one copy of each
     tensor (InPlaceOptimizer; DiLoCo's pseudo-gradients in `.grad`); None: when training on the CPU.
     `mapped_state_dir`: in place, DiLoCo's global weights and outer momentum in file mappings there.
+
+    `identity`: the key the DHT signs this peer's records with (its progress records must be signed by the same);
+    `gate`: who may join its averaging rounds and download its state (swarm/admission.py; None: anyone).
 
     The lr is the config's, the same on every peer: hivemind already averages the gradient over
     the samples of all peers, so no peer scales it by its own batch size.
@@ -263,9 +270,12 @@ def make_optimizer(
             allreduce_timeout=swarm.allreduce_timeout, load_state_timeout=costs.load_state_timeout(swarm),
             download_bytes=costs.download_bytes, client_mode=dht.client_mode, in_place=in_place,
             mapped_state_dir=mapped_state_dir if in_place else None, verbose=verbose,
+            private_key=identity or RSAPrivateKey(), gate=gate,
         )
-    # hivemind.Optimizer whose tracker, downloads and rounds check what other peers send (catch_up, validation)
+    # hivemind.Optimizer whose tracker, downloads and rounds check what other peers send (catch_up, validation),
+    # and whose averagers serve admitted peers only (admission's gate)
     optimizer = (InPlaceOptimizer if in_place else GuardedOptimizer)(
+        gate=gate,
         dht=dht,
         run_id=swarm.run_id,
         params=params,
@@ -282,8 +292,9 @@ def make_optimizer(
         # in place: the state averager averages and serves the model's weights themselves (no host copy)
         averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout, **({"reuse_tensors": True}
                                                                                 if in_place else {})),
-        grad_averager_factory=partial(InPlaceGradientAverager if in_place else CheckedGradientAverager,
+        grad_averager_factory=partial(InPlaceGradientAverager if in_place else CheckedGradientAverager, gate=gate,
                                       request_timeout=swarm.matchmaking_request_timeout),
+        tracker_opts=dict(private_key=identity) if identity is not None else None,
         grad_compression=compression,
         state_averaging_compression=compression,
         load_state_compression=state_compression(),

@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import MPFuture, get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, Field, ValidationError
+from pydantic import v1 as pydantic_v1
 
 from sdswarm.swarm.health import FINGERPRINT_HISTORY, RECENT_ROUNDS, FingerprintEntry, Round, spread
 
@@ -61,12 +66,37 @@ class SwarmView(BaseModel):
     peers: list[PeerMetrics]
 
 
+class SwarmRecords(pydantic_v1.BaseModel):
+    """The DHT records telemetry keeps (hivemind's SchemaValidator, prefix run_id), as hivemind's ALBERT example
+    keeps its metrics: each peer writes only its own subkey, hivemind's [owner:KEY] marker of its identity key, and
+    signs the value with that key (RSASignatureValidator); a record another key signed is refused by the DHT."""
+
+    sdswarm_metrics: dict[BytesWithPublicKey, dict]  # PeerMetrics (its data slot among them)
+    sdswarm_barrier: dict[BytesWithPublicKey, pydantic_v1.StrictFloat]  # when it reached the start-up barrier
+
+
+def records_validator(run_id: str) -> SchemaValidator:
+    return SchemaValidator(SwarmRecords, prefix=run_id)
+
+
+def owner_peer_id(subkey: Any) -> str | None:
+    """The peer id of a signed record's owner (its [owner:KEY] subkey); None for a subkey that names no owner."""
+    from sdswarm.swarm.invites import peer_id_of
+
+    keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey) if isinstance(subkey, bytes) else []
+    try:
+        return peer_id_of(RSAPublicKey.from_bytes(keys[0])) if len(keys) == 1 else None
+    except ValueError:
+        return None
+
+
 def metrics_key(run_id: str) -> str:
     return f"{run_id}_sdswarm_metrics"
 
 
-def publish(dht: hivemind.DHT, run_id: str, metrics: PeerMetrics) -> None:
-    bounded(dht.store(metrics_key(run_id), subkey=metrics.peer_id, value=metrics.model_dump(),
+def publish(dht: hivemind.DHT, run_id: str, metrics: PeerMetrics, owner: bytes) -> None:
+    """`owner`: this peer's [owner:KEY] marker (Admission.owner); the DHT signs the record with its identity."""
+    bounded(dht.store(metrics_key(run_id), subkey=owner, value=metrics.model_dump(),
                       expiration_time=get_dht_time() + EXPIRATION, return_future=True))
 
 
@@ -81,14 +111,31 @@ def bounded(future: MPFuture, timeout: float | None = None) -> Any:
 
 
 def read_peers(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
-    """The metrics the live peers publish (one DHT lookup)."""
+    """The metrics the live peers publish (one DHT lookup): only each signer's own (a record that names another
+    peer than the one that signed it is a forgery, and ignored)."""
     peers = []
-    for peer_id, entry in _entries(dht, metrics_key(run_id)):
+    for subkey, entry in _entries(dht, metrics_key(run_id)):
+        signer = owner_peer_id(subkey)
         try:
-            peers.append(PeerMetrics.model_validate(entry))
+            metrics = PeerMetrics.model_validate(entry)
         except ValidationError:
-            log.debug("ignoring malformed metrics from %s", peer_id)  # a peer's word is never trusted blindly
+            log.debug("ignoring malformed metrics from %s", signer)  # a peer's word is never trusted blindly
+            continue
+        if metrics.peer_id != signer:
+            _warn_once(f"ignoring metrics that claim to be peer {metrics.peer_id} but were signed by peer {signer}")
+            continue
+        peers.append(metrics)
     return peers
+
+
+_warned: dict[str, float] = {}
+
+
+def _warn_once(message: str, every: float = 60.0) -> None:
+    now = time.monotonic()
+    if now - _warned.get(message, -every) >= every:
+        _warned[message] = now
+        log.warning(message)
 
 
 def read_swarm(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmView:
@@ -137,17 +184,17 @@ def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
 class Publisher(threading.Thread):
     """Publishes this peer's metrics every `period` seconds until stopped."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, snapshot: Callable[[], PeerMetrics], period: float = PERIOD,
-                 after: Callable[[], None] | None = None):
+    def __init__(self, dht: hivemind.DHT, run_id: str, snapshot: Callable[[], PeerMetrics], owner: bytes,
+                 period: float = PERIOD, after: Callable[[], None] | None = None):
         super().__init__(name="telemetry", daemon=True)
-        self.dht, self.run_id, self.snapshot, self.period = dht, run_id, snapshot, period
+        self.dht, self.run_id, self.snapshot, self.owner, self.period = dht, run_id, snapshot, owner, period
         self.after = after  # called after each publication (e.g. remembering the peers)
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                publish(self.dht, self.run_id, self.snapshot())
+                publish(self.dht, self.run_id, self.snapshot(), self.owner)
                 if self.after is not None:
                     self.after()
             except Exception as exc:  # telemetry must never take training down
@@ -159,17 +206,18 @@ class Publisher(threading.Thread):
         self.join(timeout=self.period + 5)
 
 
-def wait_for_peers(dht: hivemind.DHT, run_id: str, peer_id: str, count: int, timeout: float) -> int:
+def wait_for_peers(dht: hivemind.DHT, run_id: str, owner: bytes, count: int, timeout: float) -> int:
     """Start-up barrier: wait until `count` peers have announced themselves, so the first swarm step is shared.
 
     Without it, the first peer up makes swarm step 0 alone and the others start out of sync.
-    Returns how many peers were seen; going on after the timeout with fewer is logged, not fatal.
+    Returns how many peers were seen; going on after the timeout with fewer is logged, not fatal. Each peer's entry is
+    signed (its `owner` subkey): one peer counts once, and cannot enter others.
     """
     key, deadline = f"{run_id}_sdswarm_barrier", get_dht_time() + timeout
     seen = 0
     while True:
-        dht.store(key, subkey=peer_id, value=get_dht_time(), expiration_time=get_dht_time() + max(timeout, 60.0))
-        seen = len(_entries(dht, key))
+        dht.store(key, subkey=owner, value=get_dht_time(), expiration_time=get_dht_time() + max(timeout, 60.0))
+        seen = len({owner_peer_id(subkey) for subkey, _ in _entries(dht, key)} - {None})
         if seen >= count:
             return seen
         if get_dht_time() >= deadline:

@@ -39,6 +39,8 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from sdswarm.swarm.admission import GatedRPCs
+
 log = logging.getLogger(__name__)
 
 CLIP_RATIO = 4.0  # a part may be this many times the group's scale (honest gradient parts differ by ~2x at most)
@@ -251,6 +253,14 @@ class CheckedAveraging(DecentralizedAverager):
         self._refusals: mp.Queue = mp.Queue()  # before the process forks (hivemind starts it in __init__)
         super().__init__(*args, **kwargs)
 
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        """hivemind names an RPC handler after the averager's class: peers whose subclasses differ (a CPU peer's
+        in-place averager, a GPU peer's) must still reach each other, so the name is hivemind's own class's."""
+        hivemind_class = next(c for c in cls.__mro__ if c.__module__.startswith("hivemind."))
+        handle_name = f"{hivemind_class.__name__}.{method_name}"
+        return handle_name if namespace is None else f"{namespace}::{handle_name}"
+
     def take_refusals(self) -> list[Refusal]:
         """The refusals reported since the last call (this peer's rounds, from the averager's process)."""
         taken = []
@@ -279,13 +289,13 @@ class CheckedAveraging(DecentralizedAverager):
                 raise ValueError("aux peers should not receive averaged tensors")
 
 
-class CheckedGradientAverager(CheckedAveraging, GradientAverager):
+class CheckedGradientAverager(GatedRPCs, CheckedAveraging, GradientAverager):
     """hivemind.Optimizer's gradient averager, checked (its `grad_averager_factory`)."""
 
     refusal_kind = "gradients"
 
 
-class CheckedDecentralizedAverager(CheckedAveraging, DecentralizedAverager):
+class CheckedDecentralizedAverager(GatedRPCs, CheckedAveraging, DecentralizedAverager):
     """A plain averager, checked: DiLoCo's pseudo-gradients."""
 
     refusal_kind = "outer"

@@ -13,6 +13,8 @@ untouched. Every answer goes through `Redactor`: no local path, no secret leaves
     POST /api/ui/settings                 admin     {key: value, ...} -> validated, saved, applied on restart
     GET  /api/ui/admin                    admin     200 when the token is right (the page checks it once)
     POST /api/ui/control/{start|stop|checkpoint}  admin
+    POST /api/ui/invite                   admin     {hours} -> {command}: a join command with an invite (mother)
+    POST /api/ui/ban                      admin     {peer_ids, lift?} -> {banned}: the signed ban list (mother)
     GET  /api/ui/checkpoints                        complete checkpoints, newest first, with download links
     GET  /api/ui/checkpoints/{name}/zip[?state=1]   download  the folder as a zip built on the fly (config.yaml left
                                                               out, local paths taken out of its config files)
@@ -102,6 +104,14 @@ class NodeAccess(Protocol):
         """A checkpoint at the next step."""
         ...
 
+    def invite(self, hours: float) -> str:
+        """A join command with an invite for one peer; ConfigError where this node holds no swarm key."""
+        ...
+
+    def ban(self, peer_ids: list[str], lift: bool) -> list[str]:
+        """Ban (or `lift` the ban on) peers; the banned peers after it. ConfigError for a bad peer id or no key."""
+        ...
+
 
 def create_app(node: NodeAccess, *, admin_token: str, swarm_period: float = 5.0,
                private_paths: tuple[Path, ...] = (), public_downloads: bool = False) -> web.Application:
@@ -125,6 +135,8 @@ def create_app(node: NodeAccess, *, admin_token: str, swarm_period: float = 5.0,
         web.post(f"{API}/settings", ui.admin(ui.post_settings)),
         web.get(f"{API}/admin", ui.admin(ui.check_admin)),
         web.post(API + "/control/{action}", ui.admin(ui.control)),
+        web.post(f"{API}/invite", ui.admin(ui.invite)),
+        web.post(f"{API}/ban", ui.admin(ui.ban)),
         web.get(f"{API}/checkpoints", ui.checkpoints),
         web.get(API + "/checkpoints/{name}/zip", ui.checkpoint_zip),
         web.get(API + "/checkpoints/{name}/single-file", ui.checkpoint_single_file),
@@ -271,6 +283,36 @@ class _UI:
         except (RuntimeError, ValueError) as exc:
             return self.error(409, f"cannot {action}: {exc}")
         return self.json({"action": action, "done": True, "accepted": True})
+
+    # --- admission (swarm/admission.py) --------------------------------------------------------------------
+
+    async def invite(self, request: web.Request) -> web.Response:
+        body = await self._small_json(request)
+        hours = body.get("hours", 24) if isinstance(body, dict) else None
+        if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours <= 24 * 365:
+            return self.error(400, "send {\"hours\": H}: how long the invite may be used, above 0 (default 24)")
+        try:
+            return self.json({"command": await asyncio.to_thread(self.node.invite, float(hours))})
+        except ConfigError as exc:
+            return self.error(409, str(exc))
+
+    async def ban(self, request: web.Request) -> web.Response:
+        body = await self._small_json(request)
+        peers = body.get("peer_ids") if isinstance(body, dict) else None
+        if not isinstance(peers, list) or not peers or not all(isinstance(p, str) for p in peers):
+            return self.error(400, "send {\"peer_ids\": [PEER_ID, ...]} (and \"lift\": true to lift their ban)")
+        try:
+            banned = await asyncio.to_thread(self.node.ban, peers, body.get("lift") is True)
+        except ConfigError as exc:
+            return self.error(400, str(exc))
+        return self.json({"banned": banned})
+
+    @staticmethod
+    async def _small_json(request: web.Request) -> object:
+        try:
+            return json.loads(await request.content.read(MAX_BODY) or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            return None
 
     # --- files -------------------------------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
+from sdswarm.swarm.admission import ADMIT_PATH
 from sdswarm.swarm.exchange import CONFIG_PATH, PEERS_PATH, SWARM_PATH
+from sdswarm.swarm.invites import AdmissionError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,25 @@ def exchange_routes(
         web.get(PEERS_PATH, handler(peers_answer)),
         web.get(SWARM_PATH, handler(swarm_answer)),
     ]
+
+
+def admit_routes(admit: Callable[[Any], dict[str, Any]]) -> list[web.RouteDef]:
+    """POST /api/v1/admit on a relay holding the swarm key: an invite and a joiner's public key in, its access token
+    out (swarm/admission.py)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.content.read(1 << 14))  # an invite and a key: about 1 KB
+        except (ValueError, UnicodeDecodeError):
+            return web.json_response({"error": "send JSON: {\"invite\": ..., \"public_key\": ...}"}, status=400)
+        try:
+            answer = await asyncio.to_thread(admit, body)
+        except AdmissionError as exc:  # a ValueError too: caught apart from the body's
+            log.warning("refused an invite from %s: %s", request.remote, exc)
+            return web.json_response({"error": str(exc)}, status=403)
+        return web.json_response(answer)
+
+    return [web.post(ADMIT_PATH, handle)]
 
 
 class HttpServer:
