@@ -102,7 +102,7 @@ def run_variant(name: str, args: argparse.Namespace, folder: Path) -> Result:
             "swarm.matchmaking_time": 5, "swarm.averaging_timeout": 60, "swarm.allreduce_timeout": 60,
             "swarm.uplink_mbit": float(args.cap.removesuffix("mbit")), "train.batch_size": args.batch,
             "output.checkpoint_every": 10**8, "output.sample_every": 10**8, "output.sample_steps": 1,
-            "output.log_every": 5, **VARIANTS[name]}
+            "output.log_every": 5, "swarm.access": "open", **VARIANTS[name]}  # open: traffic, not admission
     own = {"train.max_steps": args.steps, "train.batch_size": args.batch}
     processes, began = [], time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SDSWARM_CACHE": args.cache}

@@ -344,6 +344,7 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, folder: Path, tag
         "swarm.allreduce_timeout": args.averaging_timeout * scale,
         "swarm.load_state_timeout": args.averaging_timeout * scale * 2,
         "swarm.min_peers": 1 if scenario.late_join else 2,
+        "swarm.access": "open",  # traffic, not admission (tests/swarm/test_swarm.py joins with invites)
         **dict(pair.split("=", 1) for pair in args.mother_sets),
     }
     own_sets = {"train.batch_size": args.batch_size, "train.max_steps": 100000, "output.log_every": 1,

@@ -68,7 +68,7 @@ class Peers:
         relay = f"{self.bridge.address(1)}:{IE_PORT}"
         own = {"train.max_steps": 100_000, "train.batch_size": 4, "output.log_every": 1,
                "output.checkpoint_every": 10, "output.sample_every": 10**8, "output.sample_steps": 1}
-        swarm = {"swarm.run_id": "wan", "swarm.min_peers": 3, "swarm.target_batch_size": TARGET,
+        swarm = {"swarm.run_id": "wan", "swarm.access": "open", "swarm.min_peers": 3, "swarm.target_batch_size": TARGET,
                  "swarm.matchmaking_time": 5, "swarm.averaging_timeout": 30, "swarm.allreduce_timeout": 30,
                  "train.max_swarm_steps": self.args.swarm_steps}
         sets = {**swarm, **own} if i == 1 else own
