@@ -11,6 +11,7 @@ from sdswarm.cli import main
 from sdswarm.config import load_config
 from sdswarm.model.lora import BaseIdentity, BaseModelMismatch
 from sdswarm.node import check_peer_bases
+from sdswarm.swarm.admission import Admission
 from sdswarm.swarm.exchange import PROTOCOL, ExchangeError, config_answer, fetch_join_info, peers_answer
 from sdswarm.swarm.network import start_dht
 from sdswarm.swarm.telemetry import GONE_AFTER, PeerMetrics, publish
@@ -67,26 +68,43 @@ def test_a_lora_relay_that_names_no_base_model_is_refused(lora_config, tmp_path)
         server.stop()
 
 
-def test_a_peer_reaching_the_swarm_through_the_dht_refuses_another_base_naming_both():
-    loopback = ["/ip4/127.0.0.1/tcp/0"]
-    swarm = start_dht(initial_peers=[], host_maddrs=loopback)
-    joiner = start_dht(initial_peers=[str(a) for a in swarm.get_visible_maddrs()], host_maddrs=loopback)
+def test_a_peer_reaching_the_swarm_through_the_dht_refuses_another_base_naming_both(tmp_path):
+    started = []
+
+    def peer(name: str, run_id: str, initial_peers=()):
+        """A DHT with the node's signed records (an open swarm): a record's peer is its signer."""
+        folder = tmp_path / name
+        folder.mkdir()
+        admission = Admission.for_node(access_mode="open", run_id=run_id, folder=folder,
+                                       identity_path=folder / "identity.key", mother=False)
+        dht = start_dht(initial_peers=list(initial_peers), host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                        identity_path=str(folder / "identity.key"), **admission.dht_options())
+        started.append(dht)
+        return dht, admission.owner
+
+    def metrics(dht, **fields) -> PeerMetrics:
+        return PeerMetrics(peer_id=str(dht.peer_id), role="mother", time=time.time(), **fields)
+
     other = BaseIdentity(model="my/finetuned-base", sha256="fedcba9876543210" * 4)
     try:
-        publish(swarm, "testrun", PeerMetrics(peer_id="12D3KooWMother", role="mother", time=time.time(),
-                                              base_model=BASE.model, base_sha256=BASE.sha256))
+        swarm, owner = peer("mother", "testrun")
+        joiner, _ = peer("joiner", "testrun", [str(a) for a in swarm.get_visible_maddrs()])
+        publish(swarm, "testrun", metrics(swarm, base_model=BASE.model, base_sha256=BASE.sha256), owner)
         check_peer_bases(joiner, "testrun", str(joiner.peer_id), BASE)  # the same base: trains
         with pytest.raises(BaseModelMismatch) as refused:
             check_peer_bases(joiner, "testrun", str(joiner.peer_id), other)
         message = str(refused.value)
         assert "my/finetuned-base (weights sha256 fedcba9876543210)" in message
         assert "runwayml/stable-diffusion-v1-5 (weights sha256 0123456789abcdef)" in message
-        assert "12D3KooWMother" in message
+        assert str(swarm.peer_id) in message
         # a peer that stopped publishing (gone) no longer speaks for the swarm; nor does a full fine-tune's
-        publish(swarm, "later", PeerMetrics(peer_id="12D3KooWGone", role="mother", time=time.time() - 2 * GONE_AFTER,
-                                            base_model=BASE.model, base_sha256=BASE.sha256))
-        publish(swarm, "later", PeerMetrics(peer_id="12D3KooWFull", role="relay", time=time.time()))
-        check_peer_bases(joiner, "later", str(joiner.peer_id), other)
+        gone, gone_owner = peer("gone", "later")
+        full, full_owner = peer("full", "later", [str(a) for a in gone.get_visible_maddrs()])
+        later, _ = peer("later", "later", [str(a) for a in gone.get_visible_maddrs()])
+        publish(gone, "later", metrics(gone, base_model=BASE.model, base_sha256=BASE.sha256).model_copy(
+            update={"time": time.time() - 2 * GONE_AFTER}), gone_owner)
+        publish(full, "later", metrics(full).model_copy(update={"role": "relay"}), full_owner)
+        check_peer_bases(later, "later", str(later.peer_id), other)
     finally:
-        joiner.shutdown()
-        swarm.shutdown()
+        for dht in started:
+            dht.shutdown()

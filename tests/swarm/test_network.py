@@ -70,7 +70,8 @@ def test_a_call_the_dht_never_answers_does_not_stop_the_telemetry(monkeypatch):
     # the publisher gives up on a lost publication and publishes again, instead of waiting for it forever
     monkeypatch.setattr(telemetry, "DHT_TIMEOUT", 0.2)
     dht = LostCalls()
-    publisher = telemetry.Publisher(dht, "run", lambda: telemetry.PeerMetrics(peer_id="me", role="relay"), period=0.05)
+    publisher = telemetry.Publisher(dht, "run", lambda: telemetry.PeerMetrics(peer_id="me", role="relay"), b"me",
+                                    period=0.05)
     publisher.start()
     deadline = time.monotonic() + 10
     while dht.stores < 3 and time.monotonic() < deadline:

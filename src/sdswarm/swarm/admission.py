@@ -20,6 +20,7 @@ signed documents themselves, key, invites, tokens and ban lists, are swarm/invit
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -141,6 +142,9 @@ def read_members(entries: Any, swarm_public_key: RSAPublicKey) -> set[str]:
     return members
 
 
+MEMBER_LOOKUPS = 3  # reads of the members record before an unknown peer is refused (about `refresh` seconds)
+
+
 class Gate:
     """Whether a peer may take part in this node's averaging rounds and state downloads: a valid access token in the
     members record, and not banned. Runs in the averagers' processes (reads the DHT through them)."""
@@ -154,12 +158,16 @@ class Gate:
         peer_id = peer.to_base58()
         if peer_id in self.bans.peers:
             return self._refuse(peer_id, what, "banned")
-        if peer_id == self.own_peer_id or peer_id in self._members:
-            return True
-        if time.monotonic() - self._read_at >= self.refresh:  # a peer that just joined: look again
-            self._read_at = time.monotonic()
-            found = await dht.get(members_key(self.run_id), latest=True, return_future=True)
-            self._members = read_members(found, self.access.swarm_public_key)
+        # a peer that just joined may ask before its members record reached this node: look again, a few times
+        for attempt in range(MEMBER_LOOKUPS):
+            if peer_id == self.own_peer_id or peer_id in self._members:
+                return True
+            if attempt:
+                await asyncio.sleep(self.refresh / 2)
+            if time.monotonic() - self._read_at >= self.refresh / 4:  # bounded reads, whoever asks
+                self._read_at = time.monotonic()
+                found = await dht.get(members_key(self.run_id), latest=True, return_future=True)
+                self._members = read_members(found, self.access.swarm_public_key)
         return peer_id in self._members or self._refuse(peer_id, what, "not admitted (no valid access token)")
 
     def _refuse(self, peer_id: str, what: str, why: str) -> bool:

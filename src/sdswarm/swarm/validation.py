@@ -45,10 +45,16 @@ log = logging.getLogger(__name__)
 
 CLIP_RATIO = 4.0  # a part may be this many times the group's scale (honest gradient parts differ by ~2x at most)
 WEIGHT_RATIO = 8.0  # a sender's weight (its samples) may be this many times the group's (batch sizes differ)
-RETURN_RATIO = 2 * CLIP_RATIO + 1  # an honest reducer's mean of clipped parts moves ours by at most about this
-# weights (parameter rounds) of peers in one swarm differ by a few steps' movement: a part farther than this
-# fraction of its norm from the reducer's own is refused (clipping would let a steady liar drag them round by round)
-PARAMETER_RADIUS = 0.2
+# an average a reducer returns may move this peer's part by at most this many times its size. Loose on purpose:
+# refusing an honest average splits the swarm (this peer keeps its own part for that share), and honest updates
+# differ by the peers' local work (a DiLoCo peer that just downloaded the state sends an update near zero, and
+# returned averages were measured far beyond 9x its norm); what this catches is an absurd or non-finite average
+RETURN_RATIO = 1000.0
+# weights (parameter rounds): a part farther than this many times its norm from the reducer's own is refused
+# (clipping would let a liar drag them round by round). Not tighter: honest peers' parts of a small, fast-moving
+# model (the tiny one, lr 1e-3) were measured 0.2-0.7x apart after failed gradient rounds, and refusing them stops
+# the very averaging that brings drifted peers back together. The same bound as a downloaded state's.
+PARAMETER_RADIUS = 2.0
 
 
 @dataclass(frozen=True)
