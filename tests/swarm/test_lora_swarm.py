@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from sdswarm.config import LoraConfig
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.model.lora import ADAPTER_FILE, adapter_state, add_adapters
 from sdswarm.model.tiny import TINY_MODEL_DIRNAME, build_tiny_model
+from sdswarm.swarm.invites import SWARM_KEY_FILE
 from tests.swarm.peers import Peer
 from tests.swarm.test_swarm import l2, peers  # noqa: F401  (the fixture)
 
@@ -39,12 +41,14 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
 
     # a peer whose builtin:tiny is another model (built from another seed) is turned away, naming both bases: one
     # that joins through the relay (its answer names the base), one that reaches the swarm's DHT with --peers (the
-    # peers publish their base with their telemetry)
+    # peers publish their base with their telemetry; it holds a copy of the swarm key, so the DHT admits it)
     other_cache = tmp_path / "other-cache"
     build_tiny_model(other_cache / TINY_MODEL_DIRNAME, seed=1, vae_steps=5)
     impostor = peers("impostor", join=mother.address, max_steps=1000, env={"SDSWARM_CACHE": str(other_cache)}).start()
     stranger = peers("stranger", max_steps=1000, **LORA, env={"SDSWARM_CACHE": str(other_cache)})
     stranger.args += ["--peers", mother.address]
+    stranger.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mother.out / SWARM_KEY_FILE, stranger.out / SWARM_KEY_FILE)
     stranger.start()
     for refused_peer, whose in ((impostor, r"the swarm's"), (stranger, r"the swarm's peer \w+'s")):
         assert refused_peer.wait_exit(timeout=300) != 0
