@@ -245,6 +245,12 @@ def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peer
     finally:
         for rogue in rogues:
             rogue.kill()
+    # while the poisoner stays it reduces a share of each round it joins: the honest peers refuse its averages and
+    # keep their own parts there, so they drift apart on that share (a known limit, README: Security); once it is
+    # gone, the parameter rounds make them one model again
+    epoch = max(p.epoch() for p in honest)
+    joiner.wait_until(lambda: min(p.epoch() for p in honest) >= epoch + 2, "2 swarm steps without the rogues",
+                      timeout=300)
     poisoned = "\n".join(line for p in honest for line in p.log().splitlines() if f"peer {poisoner} " in line)
     print(f"rogues: hijacker {hijacker}, poisoner {poisoner}; what the honest peers logged about the poisoner:\n"
           + "\n".join(poisoned.splitlines()[:6]))
