@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from lora_sizes import kb_field, tree  # bench/ is this script's folder: the process-tree helpers
+
 ROOT = Path(__file__).resolve().parent.parent
 HOWTO_TRAINABLE = 859_520_964 + 123_060_480  # SD 1.5's UNet + text encoder (field notes §6)
 TENSORS = 64  # the parameters in this many tensors (SD 1.5's UNet: 686, the largest 13 M)
@@ -45,33 +47,9 @@ GPU_BYTES = {"every_step": 12, "local_steps": 8}  # hivemind's device-side layou
 # --- measuring ----------------------------------------------------------------------------------------------------
 
 
-def tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo += children.get(found[-1], [])
-    return found
-
-
 def pss(pid: int) -> int:
     """Proportional set size of pid and its descendants, bytes."""
-    total = 0
-    for member in tree(pid):
-        try:
-            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return sum(kb_field(Path(f"/proc/{member}/smaps_rollup"), "Pss") for member in tree(pid))
 
 
 class Sampler:
