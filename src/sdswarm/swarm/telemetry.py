@@ -216,7 +216,8 @@ def wait_for_peers(dht: hivemind.DHT, run_id: str, owner: bytes, count: int, tim
     key, deadline = f"{run_id}_sdswarm_barrier", get_dht_time() + timeout
     seen = 0
     while True:
-        dht.store(key, subkey=owner, value=get_dht_time(), expiration_time=get_dht_time() + max(timeout, 60.0))
+        bounded(dht.store(key, subkey=owner, value=get_dht_time(), expiration_time=get_dht_time() + max(timeout, 60.0),
+                          return_future=True))
         seen = len({owner_peer_id(subkey) for subkey, _ in _entries(dht, key)} - {None})
         if seen >= count:
             return seen
