@@ -83,7 +83,9 @@ class Peer:
 
     def records(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        # a line still being written (no newline yet) is read next time
+        return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
 
     def rounds(self) -> list[dict]:
         return [r["round"] for r in self.records() if "round" in r]

@@ -226,8 +226,9 @@ def live_peers(relay: Peer) -> set[str]:
 def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peers, tmp_path):
     """Two rogues join through the mother's public answer: one reports swarm step 1000 with weights of 1234.0 (on
     hivemind as it is, the mother downloaded them within seconds and trained on NaN from then on), one sends NaN and
-    1e6x gradient parts. The honest peers ignore the first, refuse or clip the second's parts naming it, and train on
-    as one model. The swarm is open (`swarm.access: open`): in an invite-only one they would be admitted members."""
+    1e6x gradient parts. The honest peers ignore the first, refuse the second's parts naming it and keep it out of
+    their averaging groups, and train on as one model while it stays. The swarm is open (`swarm.access: open`): in
+    an invite-only one they would be admitted members."""
     mother = peers("mother", max_steps=100_000, **{"swarm.min_peers": 2, "swarm.access": "open"}).start()
     mother.wait_until(lambda: "others join this swarm with" in mother.log(), "the relay came up", timeout=300)
     joiner = peers("joiner", join=mother.address, max_steps=100_000).start()
@@ -238,23 +239,26 @@ def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peer
         hijacker, poisoner = (rogue.peer_id() for rogue in rogues)
         mother.wait_until(lambda: any(f"ignoring peer {hijacker}'s swarm step 1000" in p.log() for p in honest),
                           "the swarm step 1000 ignored", timeout=240)
-        mother.wait_until(lambda: any(f"peer {poisoner} sent" in p.log() for p in honest), "poisoned parts refused",
-                          timeout=300)
-        epoch = max(p.epoch() for p in honest)
-        joiner.wait_until(lambda: min(p.epoch() for p in honest) >= epoch + 3, "3 more swarm steps", timeout=300)
+        quarantined = f"peer {poisoner} is kept out of this peer's averaging groups"
+        mother.wait_until(lambda: all(quarantined in p.log() for p in honest), "the poisoner quarantined", timeout=300)
+        caught = max(p.epoch() for p in honest)
+        joiner.wait_until(lambda: min(p.epoch() for p in honest) >= caught + 3, "3 more swarm steps", timeout=300)
+        # while it stays: no round of theirs holds it, and they are one model (as test_three_peers_train_one_model)
+        later = [r for p in honest for r in p.rounds() if r["kind"] == "gradients" and r["swarm_step"] > caught + 1]
+        assert later and not any(poisoner in r["refused"] for r in later), later
+        assert any(r["group_size"] == 2 for r in later), later  # the two of them averaged together
+        ours, theirs = ({r["swarm_step"]: r["fingerprint"] for r in p.records() if "fingerprint" in r} for p in honest)
+        last = max(set(ours) & set(theirs))
+        apart, moved = math.dist(ours[last], theirs[last]), math.dist(ours[last], ours[min(ours)])
+        print(f"fingerprints at swarm step {last}: {apart:.3g} apart, {moved:.3g} from the first")
+        assert apart < 0.2 * moved, (apart, moved)
     finally:
         for rogue in rogues:
             rogue.kill()
-    # while the poisoner stays it reduces a share of each round it joins: the honest peers refuse its averages and
-    # keep their own parts there, so they drift apart on that share (a known limit, README: Security); once it is
-    # gone, the parameter rounds make them one model again
-    epoch = max(p.epoch() for p in honest)
-    joiner.wait_until(lambda: min(p.epoch() for p in honest) >= epoch + 2, "2 swarm steps without the rogues",
-                      timeout=300)
     poisoned = "\n".join(line for p in honest for line in p.log().splitlines() if f"peer {poisoner} " in line)
     print(f"rogues: hijacker {hijacker}, poisoner {poisoner}; what the honest peers logged about the poisoner:\n"
           + "\n".join(poisoned.splitlines()[:6]))
-    assert "non-finite" in poisoned and "clipped: norm" in poisoned, poisoned  # its NaN parts and its 1e6x ones
+    assert "refused" in poisoned, poisoned  # its NaN or 1e6x parts, whichever came first
     for peer in honest:
         peer.signal(signal.SIGTERM)
         assert peer.wait_exit(timeout=120) == 0
@@ -263,12 +267,6 @@ def test_a_rogue_peer_neither_hijacks_the_swarm_step_nor_poisons_the_rounds(peer
         start, end = peer.eval_losses()
         print(f"{peer.name}: eval loss {start:.4f} -> {end:.4f}, swarm step {peer.epoch()}")
         assert end < start, f"{peer.name}: eval loss {start} -> {end}"
-    # one model: at the latest swarm step both published, their fingerprints differ far less than a step moves them
-    ours, theirs = ({r["swarm_step"]: r["fingerprint"] for r in p.records() if "fingerprint" in r} for p in honest)
-    last, before = sorted(set(ours) & set(theirs))[-2:][::-1]
-    apart, step = math.dist(ours[last], theirs[last]), math.dist(ours[last], ours[before])
-    print(f"fingerprints at swarm step {last}: {apart:.3g} apart, one step moves them {step:.3g}")
-    assert apart < 0.5 * step, (apart, step)
 
 
 DILOCO = {"swarm.sync": "local_steps", "swarm.local_steps": 4}

@@ -17,6 +17,11 @@ between that mean and the sender's part. A single peer can therefore spoil a rou
 
 Every refusal names the sender's peer id: a warning in the log (one line per peer and round) and a record the
 parent process drains (`CheckedAveraging.take_refusals`) into the round records of swarm/health.py.
+
+A peer caught sending what no honest peer sends (non-finite values or weights, a part or an average more than
+FLAGRANT_RATIO times the group's scale) is *quarantined*: this averager neither leads it, nor follows it, nor runs
+a round in a group that holds it, for QUARANTINE_PERIOD seconds (doubled on each repeat). Refusing its parts alone
+is not enough: the share it reduces in each round stays unaveraged, and the honest peers drift apart on it.
 """
 
 from __future__ import annotations
@@ -26,16 +31,22 @@ import logging
 import math
 import multiprocessing as mp
 import queue
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import AsyncIterator  # noqa: UP035 (hivemind reads typing.AsyncIterator in RPC annotations)
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
@@ -55,6 +66,28 @@ RETURN_RATIO = 1000.0
 # model (the tiny one, lr 1e-3) were measured 0.2-0.7x apart after failed gradient rounds, and refusing them stops
 # the very averaging that brings drifted peers back together. The same bound as a downloaded state's.
 PARAMETER_RADIUS = 2.0
+# no honest gradient part or average is this many times the group's scale (each is a mean gradient): its sender is
+# quarantined. Not in DiLoCo's outer rounds: a peer that just downloaded the state sends an update near zero
+FLAGRANT_RATIO = RETURN_RATIO
+# seconds a flagrant peer stays out of this averager's groups, doubled on each repeat: not for good, as a peer is
+# quarantined on this one peer's word (bans, swarm/admission.py, are the swarm owner's)
+QUARANTINE_PERIOD = 300.0
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a reducer did to one sender's part: refused it (not averaged) or clipped it; `flagrant` when no honest
+    peer could have sent that part (its sender is quarantined)."""
+
+    text: str
+    flagrant: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return self.text.startswith("refused")
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -66,6 +99,7 @@ class Refusal:
     refused: int
     clipped: int
     reason: str
+    flagrant: bool = False  # what no honest peer sends: the sender is quarantined
 
 
 def norm_of(tensor: torch.Tensor) -> float:
@@ -79,9 +113,9 @@ def lower_median(values: Sequence[float]) -> float:
 
 
 def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own: int | None,
-                parameters: bool = False) -> tuple[torch.Tensor | None, list[str | None]]:
-    """The weighted mean of finite parts after clipping, and for each part what was done to it (None, "refused:
-    why" or "clipped: why").
+                kind: str = "gradients") -> tuple[torch.Tensor | None, list[Action | None]]:
+    """The weighted mean of finite parts after clipping, and for each part what was done to it (None, or an Action:
+    "refused: why", "clipped: why").
 
     The scale is the lower median of the parts' norms, and never below this peer's own part (`own`, which it
     trusts): with 2 or 3 peers a median alone is whatever the lone other peer says, and the lower median of two
@@ -90,15 +124,16 @@ def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own:
     honest parts are noisy, and a hard cut would drop the unlucky ones. Clipping is around zero, not around an
     iterated centre as in CenteredClip: with 2 senders CenteredClip converges to their midpoint, and with 3 its centre
     is what the outlier moves; the bound is what matters. Weights are capped the same way (WEIGHT_RATIO x the lower
-    median). `parameters` (weights, not updates): a part farther than PARAMETER_RADIUS x its norm from this peer's
-    own is refused; the others are averaged as they are."""
-    actions: list[str | None] = [None] * len(parts)
+    median). In gradient rounds a part FLAGRANT_RATIO x the scale is refused: no honest peer sends it. In "parameters"
+    rounds (weights, not updates) a part farther than PARAMETER_RADIUS x its norm from this peer's own is refused;
+    the others are averaged as they are."""
+    actions: list[Action | None] = [None] * len(parts)
     usable = []
     for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
         if not math.isfinite(weight) or weight < 0:
-            actions[i] = f"refused: weight {weight}"
+            actions[i] = Action(f"refused: weight {weight}", flagrant=True)
         elif not bool(torch.isfinite(part).all()):
-            actions[i] = "refused: non-finite values"
+            actions[i] = Action("refused: non-finite values", flagrant=True)
         else:
             usable.append(i)
     counted = [i for i in usable if weights[i] > 0]
@@ -109,23 +144,29 @@ def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own:
     max_weight = WEIGHT_RATIO * lower_median([weights[i] for i in counted])
     if own is not None and own in norms:
         scale, max_weight = max(scale, norms[own]), max(max_weight, WEIGHT_RATIO * weights[own])
-    if parameters and own is not None and own in norms:
+    for i in list(counted):
+        if kind == "gradients" and scale > 0 and norms[i] > FLAGRANT_RATIO * scale:
+            actions[i] = Action(f"refused: norm {norms[i] / max(scale, 1e-30):.3g}x the group's", flagrant=True)
+            counted.remove(i)
+    if kind == "parameters" and own is not None and own in norms:
         for i in list(counted):
             distance = norm_of(parts[i].float() - parts[own].float()) / max(norms[own], 1e-30)
             if distance > PARAMETER_RADIUS:
-                actions[i] = f"refused: weights {distance:.3g}x their norm away from this peer's"
+                actions[i] = Action(f"refused: weights {distance:.3g}x their norm away from this peer's")
                 counted.remove(i)
         scale = math.inf  # no clipping of weights
+    if not counted:
+        return None, actions
     total = torch.zeros_like(parts[counted[0]], dtype=torch.float32)
     denominator = 0.0
     for i in counted:
         part, weight = parts[i].float(), min(weights[i], max_weight)
         bound = CLIP_RATIO * scale
         if norms[i] > bound:
-            actions[i] = f"clipped: norm {norms[i] / max(scale, 1e-30):.3g}x the group's"
+            actions[i] = Action(f"clipped: norm {norms[i] / max(scale, 1e-30):.3g}x the group's")
             part = part * (bound / norms[i])
         elif weight < weights[i]:
-            actions[i] = f"clipped: weight {weights[i]:.3g} over {max_weight:.3g}"
+            actions[i] = Action(f"clipped: weight {weights[i]:.3g} over {max_weight:.3g}")
         total.add_(part, alpha=weight)
         denominator += weight
     return total.div_(denominator), actions
@@ -135,9 +176,9 @@ class CheckedPartReducer(TensorPartReducer):
     """hivemind's reducer, holding every sender's part until all are in and averaging them with `robust_mean`."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_sender: int | None,
-                 parameters: bool = False) -> None:
-        self.own_sender, self.parameters = own_sender, parameters
-        self.actions: list[Counter[str]] = [Counter() for _ in range(num_senders)]  # per sender: action -> parts
+                 kind: str = "gradients") -> None:
+        self.own_sender, self.kind = own_sender, kind
+        self.actions: list[Counter[Action]] = [Counter() for _ in range(num_senders)]  # per sender: action -> parts
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -172,7 +213,7 @@ class CheckedPartReducer(TensorPartReducer):
         senders = sorted(self.received)
         own = senders.index(self.own_sender) if self.own_sender in self.received else None
         mean, actions = robust_mean([self.received[s][0] for s in senders], [self.received[s][1] for s in senders],
-                                    own=own, parameters=self.parameters)
+                                    own=own, kind=self.kind)
         for sender, action in zip(senders, actions, strict=True):
             if action is not None:
                 self.actions[sender][action] += 1
@@ -188,15 +229,16 @@ class CheckedAllReduceRunner(AllReduceRunner):
     """hivemind's all-reduce with `CheckedPartReducer`, refusing averages a reducer returns that are non-finite
     or far from this peer's part; `refusals` are reported when the round ends."""
 
-    def __init__(self, *, report: mp.Queue | None = None, kind: str = "averaging", **kwargs) -> None:
+    def __init__(self, *, report: mp.Queue | None = None, quarantine: Quarantine | None = None,
+                 kind: str = "averaging", **kwargs) -> None:
         super().__init__(**kwargs)
         # hivemind makes a plain reducer inline; it has received nothing, so it is finished quietly and replaced
         self.tensor_part_reducer.finished.set()
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
         parameters = kind == "parameters"
         self.tensor_part_reducer = CheckedPartReducer(tuple(part.shape for part in self.parts_for_local_averaging),
-                                                      len(self.sender_peer_ids), own_sender=own, parameters=parameters)
-        self.report, self.kind = report, kind
+                                                      len(self.sender_peer_ids), own_sender=own, kind=kind)
+        self.report, self.quarantine, self.kind = report, quarantine, kind
         self.returned: Counter[tuple[int, str]] = Counter()  # (reducer index, reason) -> shares refused
         container = self.tensor_part_container
         inputs = [parts for parts in container._input_parts_by_peer]  # (part, codec) per reducer: this peer's input
@@ -231,22 +273,78 @@ class CheckedAllReduceRunner(AllReduceRunner):
         for index, actions in enumerate(self.tensor_part_reducer.actions):
             if senders[index] == self.peer_id or not actions:
                 continue
-            refused = sum(n for action, n in actions.items() if action.startswith("refused"))
+            refused = sum(n for action, n in actions.items() if action.refused)
             reasons = "; ".join(f"{n} {action}" for action, n in actions.most_common(3))
-            refusals.append(Refusal(str(senders[index]), "sender", refused, sum(actions.values()) - refused, reasons))
+            refusals.append(Refusal(str(senders[index]), "sender", refused, sum(actions.values()) - refused, reasons,
+                                    flagrant=any(action.flagrant for action in actions)))
         by_reducer: dict[int, Counter[str]] = {}
         for (index, reason), n in self.returned.items():
             by_reducer.setdefault(index, Counter())[reason] += n
         for index, reasons in by_reducer.items():
             text = "; ".join(f"{n} {'non-finite' if r == 'non-finite' else 'too far from ours'}"
                              for r, n in reasons.items())
-            refusals.append(Refusal(str(self.ordered_peer_ids[index]), "reducer", sum(reasons.values()), 0, text))
+            # an average 1000x a mean gradient is no honest reducer's (DiLoCo's and weights' bounds are looser)
+            flagrant = "non-finite" in reasons or self.kind == "gradients"
+            refusals.append(Refusal(str(self.ordered_peer_ids[index]), "reducer", sum(reasons.values()), 0, text,
+                                    flagrant=flagrant))
+        flagrant: dict[str, list[str]] = {}
         for refusal in refusals:
             log.warning("%s round: peer %s %s: %d parts refused, %d clipped (%s)", self.kind, refusal.sender,
                         "sent" if refusal.role == "sender" else "returned averages", refusal.refused,
                         refusal.clipped, refusal.reason)
+            if refusal.flagrant:
+                flagrant.setdefault(refusal.sender, []).append(refusal.reason)
             if self.report is not None:
                 self.report.put(refusal)
+        for sender, reasons in flagrant.items():  # one strike per round
+            if self.quarantine is not None:
+                self.quarantine.add(sender, f"{self.kind} round: {'; '.join(reasons)}")
+
+
+class Quarantine:
+    """Peers this averager keeps out of its groups, and until when (monotonic seconds). Lives in the averager's
+    process, where its rounds run and its matchmaking happens."""
+
+    def __init__(self, period: float = QUARANTINE_PERIOD) -> None:
+        self.period = period
+        self.until: dict[str, float] = {}
+        self.strikes: Counter[str] = Counter()
+
+    def add(self, peer_id: str, why: str) -> None:
+        self.strikes[peer_id] += 1
+        seconds = self.period * 2 ** (self.strikes[peer_id] - 1)
+        self.until[peer_id] = time.monotonic() + seconds
+        log.warning("peer %s is kept out of this peer's averaging groups for %.0f s: no honest peer sends what it "
+                    "sent (%s)", peer_id, seconds, why)
+
+    def holds(self, peer: PeerID | str) -> bool:
+        return self.until.get(peer.to_base58() if isinstance(peer, PeerID) else peer, 0.0) > time.monotonic()
+
+
+class CheckedMatchmaking(Matchmaking):
+    """hivemind's matchmaking that neither accepts a quarantined follower, nor asks a quarantined leader, nor runs
+    a round in a group holding a quarantined peer (another leader may not know yet): the round is looked for again."""
+
+    quarantine: Quarantine
+
+    async def look_for_group(self, step: StepControl) -> GroupInfo | None:
+        group = await super().look_for_group(step)
+        held = [peer for peer in group.peer_ids if self.quarantine.holds(peer)] if group is not None else []
+        if held:
+            log.info("left an averaging group holding quarantined peer %s", held[0])
+            return None
+        return group
+
+    async def _request_join_group(self, leader: PeerID) -> GroupInfo | None:
+        return None if self.quarantine.holds(leader) else await super()._request_join_group(leader)
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if self.quarantine.holds(context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
 
 
 class CheckedAveraging(DecentralizedAverager):
@@ -257,7 +355,23 @@ class CheckedAveraging(DecentralizedAverager):
 
     def __init__(self, *args, **kwargs) -> None:
         self._refusals: mp.Queue = mp.Queue()  # before the process forks (hivemind starts it in __init__)
+        self.quarantine = Quarantine()  # filled and read in the averager's process
         super().__init__(*args, **kwargs)
+
+    # hivemind makes its Matchmaking inside the averager's process (`_run_internal`), with no factory to pass one:
+    # the one it assigns becomes a CheckedMatchmaking sharing this averager's quarantine
+    @property
+    def _matchmaking(self) -> CheckedMatchmaking:
+        try:
+            return self.__dict__["_matchmaking"]
+        except KeyError:  # the parent process, or before the averager runs
+            raise AttributeError("_matchmaking") from None
+
+    @_matchmaking.setter
+    def _matchmaking(self, matchmaking: Matchmaking) -> None:
+        matchmaking.__class__ = CheckedMatchmaking
+        matchmaking.quarantine = self.quarantine
+        self.__dict__["_matchmaking"] = matchmaking
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
@@ -281,8 +395,9 @@ class CheckedAveraging(DecentralizedAverager):
         # as DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12), with the checked runner
         group_id = group_info.group_id if group_id is None else group_id
         runner = CheckedAllReduceRunner(
-            report=self._refusals, kind=self.refusal_kind, p2p=self._p2p, servicer_type=type(self),
-            prefix=self.prefix, tensors=tensors, group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+            report=self._refusals, quarantine=self.quarantine, kind=self.refusal_kind, p2p=self._p2p,
+            servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
