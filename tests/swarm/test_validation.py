@@ -15,7 +15,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from sdswarm.swarm.catch_up import MAX_STATE_CHANGE, TrustedProgressTracker, state_problem
-from sdswarm.swarm.validation import CLIP_RATIO, CheckedAveraging, CheckedPartReducer, robust_mean
+from sdswarm.swarm.validation import CLIP_RATIO, CheckedAveraging, CheckedPartReducer, Quarantine, robust_mean
 
 
 def honest_parts(n: int, size: int = 1000) -> list[torch.Tensor]:
@@ -96,6 +96,19 @@ def test_the_reducer_averages_each_part_once_every_sender_sent_it():
     assert not reducer.actions[1] and not reducer.actions[0]
     assert sorted(str(action).split(" ")[1] for action in reducer.actions[2]) == ["non-finite", "norm"]
     assert all(action.refused and action.flagrant for action in reducer.actions[2])
+
+
+def test_a_quarantine_ends_and_doubles_on_each_repeat():
+    quarantine = Quarantine(period=1.0)
+    quarantine.add("QmRogue", "gradients round: 1 refused: non-finite values")
+    assert quarantine.holds("QmRogue") and not quarantine.holds("QmHonest")
+    time.sleep(1.2)
+    assert not quarantine.holds("QmRogue")
+    quarantine.add("QmRogue", "again")
+    time.sleep(1.2)
+    assert quarantine.holds("QmRogue")  # 2 s the second time
+    time.sleep(1.0)
+    assert not quarantine.holds("QmRogue")
 
 
 class CheckedRounds(CheckedAveraging, DecentralizedAverager):
