@@ -74,6 +74,7 @@ def test_three_peers_train_one_model(peers):
     apart = max(l2(w[k] - weights[0][k] for k in initial) for w in weights[1:])
     # independent runs differ by about as much as they moved (ratio ~1), peers with one unshared swarm step by ~0.1,
     # peers that shared every round by fp16 rounding only (~0.005)
+    print(f"one model: the peers are {apart:.3g} apart, having moved {moved:.3g} ({apart / moved:.3f})")
     assert moved > 1e-2 and apart < 0.2 * moved, (moved, apart)
     # no two peers trained the same posts in the same round: distinct slots of the shard plan, round by round
     slots = [dict(re.findall(r"round (\d+) \(slot (\d+)\)", peer.log())) for peer in everyone]

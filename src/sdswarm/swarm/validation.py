@@ -251,9 +251,12 @@ class CheckedAllReduceRunner(AllReduceRunner):
                 mine = inputs[peer_index][part_index][0]
                 scale = max(norm_of(mine), rms * math.sqrt(mine.numel()))
                 bound = PARAMETER_RADIUS if parameters else RETURN_RATIO
+                # a peer tagging along with weight 0 (hivemind, after catching up) sends zeros: others' mean is
+                # all it gets back, however far from its part
+                judged = self.weight > 0 and scale > 0
                 reason = ("non-finite" if not bool(torch.isfinite(delta).all()) else
                           f"moves this peer's part {norm_of(delta) / max(scale, 1e-30):.3g}x its norm"
-                          if norm_of(delta) > bound * scale else None)
+                          if judged and norm_of(delta) > bound * scale else None)
                 if reason is not None:
                     self.returned[peer_index, reason.split(" ")[0]] += 1
                     delta = torch.zeros_like(mine)  # keep this peer's own part for that share
