@@ -15,7 +15,8 @@ import pytest
 @dataclass
 class HttpBucket:
     """Files by name; `behave[name]` changes how one is answered: "404", "500", "500 once", "slow",
-    "truncated", "huge" (announces a length over any limit). `hits` counts requests per name."""
+    "truncated", "huge" (announces a length over any limit), "redirect URL" (302 to URL). `hits` counts requests
+    per name."""
 
     url: str = ""
     files: dict[str, bytes] = field(default_factory=dict)
@@ -51,6 +52,12 @@ def _handler(bucket: HttpBucket) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, name: str, how: str, first: bool) -> None:
             time.sleep(bucket.delay_s)
+            if how.startswith("redirect "):
+                self.send_response(302)
+                self.send_header("Location", how.removeprefix("redirect "))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             body = bucket.files.get(name)
             if how == "slow":
                 time.sleep(bucket.slow_s)

@@ -107,6 +107,20 @@ def test_concurrency_is_bounded(http_bucket) -> None:
     assert 2 <= http_bucket.max_in_flight <= 4  # two pairs at a time, both halves of each at once
 
 
+def test_redirects_stay_on_the_buckets_host_or_go_to_a_public_one(http_bucket) -> None:
+    """A bucket a relay named must not send this node into its own network (loopback, LAN, cloud metadata)."""
+    image = files.solid("PNG")
+    for i in (1, 2):
+        serve_pair(http_bucket, i, image)
+    http_bucket.files["moved/1.png"] = image
+    port = http_bucket.url.rsplit(":", 1)[1]
+    http_bucket.behave.update({"1.png": "redirect /moved/1.png", "2.png": f"redirect http://localhost:{port}/2.png"})
+    got = fetch(Bucket(http_bucket.template(), settings=FAST), [post(1, image), post(2, image)])
+    assert got[1].reason is None and got[1].image == image and http_bucket.hits["moved/1.png"] == 1
+    assert got[2].reason.startswith(f"image redirected to http://localhost:{port}/2.png, off the bucket's host")
+    assert http_bucket.hits["2.png"] == 1  # refused, not retried, and never fetched from there
+
+
 def test_unreachable_server_is_a_counted_reason() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

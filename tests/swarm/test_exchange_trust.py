@@ -9,6 +9,7 @@ import re
 import pytest
 
 from sdswarm.cli import main, status_lines
+from sdswarm.hosts import is_public_host
 from sdswarm.model.lora import BaseIdentity
 from sdswarm.swarm.exchange import (
     CONFIG_PATH,
@@ -16,7 +17,6 @@ from sdswarm.swarm.exchange import (
     PROTOCOL,
     SWARM_PATH,
     ExchangeError,
-    _is_public_host,
     config_answer,
     fetch_join_info,
     peers_answer,
@@ -152,7 +152,7 @@ def test_public_hosts_and_the_relays_own_host_are_allowed(tmp_path):
     ("a.localhost", False), ("printer", False), ("x.home.arpa", False),
 ])
 def test_which_hosts_are_public(host, public):
-    assert _is_public_host(host) is public
+    assert is_public_host(host) is public
 
 
 # --- what a relay serves about its own machine ---

@@ -10,20 +10,23 @@ to count, never an exception. `bucket_routes` is the serving side: the files of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urljoin
 
 import aiohttp
 
 from sdswarm.atomic import atomic_path
 from sdswarm.data.index import Post
+from sdswarm.hosts import redirect_allowed
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -197,9 +200,29 @@ def _read_local(path: str, limit: int) -> bytes:
         raise FetchError(f"unreadable ({exc.strerror})") from None
 
 
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+
+
+@contextlib.asynccontextmanager
+async def checked_get(session: aiohttp.ClientSession, url: str, **kwargs) -> AsyncIterator[aiohttp.ClientResponse]:
+    """session.get that follows a redirect only on the URL's host or to a public one (hosts.redirect_allowed): a
+    bucket a relay named must not send this node into its own network. Raises FetchError naming the target."""
+    for _ in range(MAX_REDIRECTS + 1):
+        async with session.get(url, allow_redirects=False, **kwargs) as response:
+            if response.status not in REDIRECTS:
+                yield response
+                return
+            target = urljoin(url, response.headers.get("Location", ""))
+        if not redirect_allowed(url, target):
+            raise FetchError(f"redirected to {target[:200]}, off the bucket's host and not a public one")
+        url = target
+    raise FetchError(f"more than {MAX_REDIRECTS} redirects")
+
+
 async def _http_get(session: aiohttp.ClientSession, url: str, limit: int) -> bytes:
     try:
-        async with session.get(url) as response:
+        async with checked_get(session, url) as response:
             if response.status in (404, 410):
                 raise FetchError(f"missing ({response.status})")
             if response.status != 200:
@@ -225,7 +248,7 @@ def download(url: str, dest: Path, *, timeout_s: float = 60.0) -> Path:
 
     async def run(tmp: Path) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        async with aiohttp.ClientSession(timeout=timeout) as session, checked_get(session, url) as response:
             if response.status != 200:
                 raise OSError(f"cannot download {url}: HTTP {response.status}")
             with open(tmp, "wb") as handle:
@@ -237,6 +260,8 @@ def download(url: str, dest: Path, *, timeout_s: float = 60.0) -> Path:
             asyncio.run(run(tmp))
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise OSError(f"cannot download {url}: {type(exc).__name__} {exc}") from None
+    except FetchError as exc:
+        raise OSError(f"cannot download {url}: {exc.reason}") from None
     return Path(dest)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from sdswarm.config import ConfigError
+from sdswarm.data.bucket import FetchError, checked_get
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -113,7 +114,12 @@ async def _download(url: str, part: Path, timeout_s: float) -> None:
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, headers=headers) as response:
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+        try:  # a relay's redirect into this node's own network is refused
+            response = await stack.enter_async_context(checked_get(session, url, headers=headers))
+        except FetchError as exc:
+            raise IndexUnavailable(f"cannot download the swarm's index from {url}: {exc.reason}") from None
         if response.status == 416:  # nothing after what we have: complete (the hash check says if it is right)
             return
         if response.status not in (200, 206):

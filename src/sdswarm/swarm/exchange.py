@@ -11,19 +11,17 @@ must be shared ones (a hub id; builtin:; an http(s) URL on a public host or on t
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from sdswarm import __version__
 from sdswarm.config import Config, ConfigError, parse_config, set_dotted
+from sdswarm.hosts import host_of, is_public_host
 
 if TYPE_CHECKING:  # model.lora imports torch, peft and diffusers: `sdswarm status` should not wait for them
     from sdswarm.model.lora import BaseIdentity
@@ -45,8 +43,6 @@ LOCAL_KEYS: dict[str, Any] = {
     "train": {"device"},
 }
 SECTIONS = ("data", "train", "output", "swarm")
-# host names that only mean something inside a network; a relay may not point a joiner's fetches at them
-_LOCAL_NAME_SUFFIXES = (".localhost", ".local", ".internal", ".intranet", ".lan", ".home", ".corp", ".home.arpa")
 
 
 def public_config(config: Config, index_sha256: str | None = None) -> dict[str, Any]:
@@ -215,7 +211,7 @@ def check_relay_config(config: dict[str, Any], url: str) -> None:
         raise ExchangeError(
             f"relay {url} names the model {_short(model)}: a relay names a hub id or builtin:tiny, never a path on "
             "this machine; if the swarm trains a local folder, give this node its own copy with --set model=DIR")
-    relay_host = _normal_host(urlsplit(url).hostname or "")
+    relay_host = host_of(url)
     data = config.get("data", {})
     for key in ("source", "json_source"):
         location = data.get(key)
@@ -225,8 +221,8 @@ def check_relay_config(config: dict[str, Any], url: str) -> None:
             raise ExchangeError(
                 f"relay {url} sent data.{key} {_short(location)}: a relay names shared data (an http(s) URL or "
                 f"builtin:), never a path on this machine; give this node its own copy with --set data.{key}=DIR")
-        host = _normal_host(urlsplit(location).hostname or "")
-        if host != relay_host and not _is_public_host(host):
+        host = host_of(location)
+        if host != relay_host and not is_public_host(host):
             raise ExchangeError(
                 f"relay {url} sent data.{key} {_short(location)}: {host or 'no host'} is not a public host (loopback, "
                 "private network, link-local or a local name), and a relay may only point this node at the public "
@@ -241,33 +237,6 @@ def _local_keys(config: dict[str, Any]) -> list[str]:
         else:
             found += [f"{section}.{key}" for key in sorted(keys) if key in config.get(section, {})]
     return found
-
-
-def _as_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a host names literally, in any form a resolver takes (127.1, 0x7f000001 and 2130706433 are
-    127.0.0.1 to getaddrinfo)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            ip = ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _normal_host(host: str) -> str:
-    ip = _as_ip(host)
-    return str(ip) if ip is not None else host.lower().rstrip(".")
-
-
-def _is_public_host(host: str) -> bool:
-    ip = _as_ip(host)
-    if ip is not None:
-        return ip.is_global and not ip.is_multicast
-    return "." in host and host != "localhost" and not host.endswith(_LOCAL_NAME_SUFFIXES)
 
 
 def _short(value: Any) -> str:
