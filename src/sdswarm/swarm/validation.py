@@ -18,10 +18,11 @@ between that mean and the sender's part. A single peer can therefore spoil a rou
 Every refusal names the sender's peer id: a warning in the log (one line per peer and round) and a record the
 parent process drains (`CheckedAveraging.take_refusals`) into the round records of swarm/health.py.
 
-A peer caught sending what no honest peer sends (non-finite values or weights, a part or an average more than
-FLAGRANT_RATIO times the group's scale) is *quarantined*: this averager neither leads it, nor follows it, nor runs
-a round in a group that holds it, for QUARANTINE_PERIOD seconds (doubled on each repeat). Refusing its parts alone
-is not enough: the share it reduces in each round stays unaveraged, and the honest peers drift apart on it.
+A peer caught sending what no honest peer sends (non-finite values or weights; in gradient rounds, a part or an
+average more than FLAGRANT_RATIO times the group's scale) is *quarantined*: this averager neither leads it, nor
+follows it, nor runs a round in a group that holds it, for QUARANTINE_PERIOD seconds (doubled on each repeat).
+Refusing its parts alone is not enough: the share it reduces in each round stays unaveraged, and the honest peers
+drift apart on it.
 """
 
 from __future__ import annotations
