@@ -173,7 +173,7 @@ class Peer:
             for line in path.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):  # a line being written
                     rows.append(json.loads(line))
-        return rows
+        return [row for row in rows if "step" in row]  # the trainer's lines (not rounds, not fingerprints)
 
     def epoch(self) -> int:
         rows = self.metrics()
@@ -349,8 +349,11 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, folder: Path, tag
     }
     own_sets = {"train.batch_size": args.batch_size, "train.max_steps": 100000, "output.log_every": 1,
                 "output.checkpoint_every": 10**8, "output.sample_every": 10**8, "output.sample_steps": 1}
-    mother_cli = ["mother", "configs/tiny.yaml"] + [f"--set={k}={v}" for k, v in {**swarm_sets, **own_sets}.items()]
-    joiner_cli = ["join", f"{SUBNET}.1:{IE_PORT}"] + [f"--set={k}={v}" for k, v in own_sets.items()]
+    # --verbose: the window is found in hivemind's own lines ("Averaged gradients with 2 peers"), which a node
+    # otherwise keeps in its log file
+    mother_cli = (["mother", "configs/tiny.yaml", "--verbose"]
+                  + [f"--set={k}={v}" for k, v in {**swarm_sets, **own_sets}.items()])
+    joiner_cli = ["join", f"{SUBNET}.1:{IE_PORT}", "--verbose"] + [f"--set={k}={v}" for k, v in own_sets.items()]
 
     with Link(tag) as link:
         if scenario.cap:
