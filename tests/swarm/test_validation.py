@@ -158,7 +158,10 @@ def test_a_peer_caught_sending_1e6x_parts_is_kept_out_of_the_next_rounds():
             expected = tensor.clone()
         with honest[1].get_tensors() as (tensor,):
             tensor.zero_()
-        results = round_(weights=(1.0, 0.0))
+        for _ in range(3):  # a round that found no group (a busy machine) changed nothing: try again
+            results = round_(weights=(1.0, 0.0))
+            if all(r is not None for r in results[:2]):
+                break
         assert all(r is not None and set(r) == {a.peer_id for a in honest} for r in results[:2]), results
         assert not any(a.take_refusals() for a in honest)
         for averager in honest:
