@@ -114,19 +114,19 @@ async def _download(url: str, part: Path, timeout_s: float) -> None:
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-    async with contextlib.AsyncExitStack() as stack:
-        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
-        try:  # a relay's redirect into this node's own network is refused
-            response = await stack.enter_async_context(checked_get(session, url, headers=headers))
-        except FetchError as exc:
-            raise IndexUnavailable(f"cannot download the swarm's index from {url}: {exc.reason}") from None
-        if response.status == 416:  # nothing after what we have: complete (the hash check says if it is right)
-            return
-        if response.status not in (200, 206):
-            raise IndexUnavailable(f"cannot download the swarm's index: {url} answered HTTP {response.status}"
-                                   + (" (the relay trains on another index now)" if response.status == 404 else ""))
-        if have and response.status == 206:
-            log.info("resuming the index download at %.1f MB", have / 1e6)
-        with open(part, "ab" if response.status == 206 else "wb") as handle:
-            async for block in response.content.iter_chunked(1 << 20):
-                handle.write(block)
+    try:  # checked_get refuses a relay's redirect into this node's own network
+        async with (aiohttp.ClientSession(timeout=timeout) as session,
+                    checked_get(session, url, headers=headers) as response):
+            if response.status == 416:  # nothing after what we have: complete (the hash check says if it is right)
+                return
+            if response.status not in (200, 206):
+                raise IndexUnavailable(f"cannot download the swarm's index: {url} answered HTTP {response.status}"
+                                       + (" (the relay trains on another index now)" if response.status == 404
+                                          else ""))
+            if have and response.status == 206:
+                log.info("resuming the index download at %.1f MB", have / 1e6)
+            with open(part, "ab" if response.status == 206 else "wb") as handle:
+                async for block in response.content.iter_chunked(1 << 20):
+                    handle.write(block)
+    except FetchError as exc:
+        raise IndexUnavailable(f"cannot download the swarm's index from {url}: {exc.reason}") from None

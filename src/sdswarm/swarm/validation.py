@@ -145,10 +145,11 @@ def robust_mean(parts: Sequence[torch.Tensor], weights: Sequence[float], *, own:
     max_weight = WEIGHT_RATIO * lower_median([weights[i] for i in counted])
     if own is not None and own in norms:
         scale, max_weight = max(scale, norms[own]), max(max_weight, WEIGHT_RATIO * weights[own])
-    for i in list(counted):
-        if kind == "gradients" and scale > 0 and norms[i] > FLAGRANT_RATIO * scale:
-            actions[i] = Action(f"refused: norm {norms[i] / max(scale, 1e-30):.3g}x the group's", flagrant=True)
-            counted.remove(i)
+    if kind == "gradients" and scale > 0:
+        for i in list(counted):
+            if norms[i] > FLAGRANT_RATIO * scale:
+                actions[i] = Action(f"refused: norm {norms[i] / scale:.3g}x the group's", flagrant=True)
+                counted.remove(i)
     if kind == "parameters" and own is not None and own in norms:
         for i in list(counted):
             distance = norm_of(parts[i].float() - parts[own].float()) / max(norms[own], 1e-30)
