@@ -5,11 +5,11 @@
 
 For each size, two processes on 127.0.0.1, each in its own process group: a holder and a joiner, both with the
 same model (dense fp32 tensors) behind sdswarm's make_optimizer, as a node builds it. The joiner downloads the
-training state as `sdswarm join` does when the swarm is under way: hivemind sends it uncompressed, the
-parameters and AdamW's two moments, 12 bytes per parameter (sdswarm skips hivemind's download of the gradient
-buffers, 4 more; swarm_traffic.py measures 3.0x the fp32 parameters in a real swarm). Loopback has no bandwidth
-limit, so the figures are the cost of hivemind's state transfer itself (serialize, stream, deserialize); on a
-real link add bytes / bandwidth, as the last lines do. Compare the ratios of one run, not seconds across runs.
+training state as `sdswarm join` does when the swarm is under way: the parameters (fp16) and AdamW's two moments
+(8-bit), about 4.2 bytes per parameter on the wire against 12 in fp32 (sdswarm skips hivemind's download of the
+gradient buffers). Loopback has no bandwidth limit, so the figures are the cost of the state transfer itself
+(compress, stream, check, decompress into place); on a real link add bytes / bandwidth, as the last lines do.
+Compare the ratios of one run, not seconds across runs.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def join(millions: float, maddr_file: Path) -> None:
     start = time.perf_counter()
     opt.load_state_from_peers()
     seconds = time.perf_counter() - start
-    result = {"params": sum(p.numel() for p in params), "bytes": state_bytes, "seconds": seconds}
+    result = {"params": sum(p.numel() for p in params), "bytes": state_bytes, "seconds": seconds,
+              "wire": opt.download_bytes}
     maddr_file.with_suffix(".result").write_text(json.dumps(result))
     os._exit(0)  # its DHT and averagers go with its process group
 
@@ -136,17 +137,20 @@ def main() -> int:
             rows.append(result)
             print(f"{millions:g}M parameters: {result['seconds']:.1f} s", file=sys.stderr, flush=True)
     base = rows[0]
-    print("late joiner: the training state (parameters + AdamW's moments) from one peer on 127.0.0.1, uncompressed")
-    print(f"{'parameters':>12}  {'state':>9}  {'seconds':>8}  {'MB/s':>7}  {'size ratio':>10}  {'time ratio':>10}")
+    print("late joiner: the training state (parameters + AdamW's moments) from one peer on 127.0.0.1; state: its "
+          "fp32 size, wire: what is sent")
+    print(f"{'parameters':>12}  {'state':>9}  {'wire':>9}  {'seconds':>8}  {'MB/s':>7}  {'size ratio':>10}  "
+          f"{'time ratio':>10}")
     for r in rows:
-        print(f"{r['params']:>12,}  {r['bytes'] / 1e6:>7.0f}MB  {r['seconds']:>8.1f}  "
+        print(f"{r['params']:>12,}  {r['bytes'] / 1e6:>7.0f}MB  {r['wire'] / 1e6:>7.0f}MB  {r['seconds']:>8.1f}  "
               f"{r['bytes'] / 1e6 / r['seconds']:>7.0f}  {r['params'] / base['params']:>9.1f}x  "
               f"{r['seconds'] / base['seconds']:>9.1f}x")
-    rate = rows[-1]["bytes"] / rows[-1]["seconds"]  # the largest model's rate: the least start-up overhead
+    rate = rows[-1]["wire"] / rows[-1]["seconds"]  # the largest model's rate: the least start-up overhead
+    per_parameter = rows[-1]["wire"] / rows[-1]["params"]
     print(f"\nStable Diffusion 1.5, at {rate / 1e6:.0f} MB/s (this machine's loopback) or over a "
           f"{args.link_mbit:g} Mbit/s link:")
     for name, count in SD15.items():
-        size = 12 * count  # fp32 parameters and AdamW's two moments
+        size = per_parameter * count
         print(f"  {name}: {count:,} parameters, state {size / 1e9:.1f} GB: {size / rate / 60:.1f} min here, "
               f"{size * 8 / (args.link_mbit * 1e6) / 60:.0f} min over the link")
     return 0

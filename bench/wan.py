@@ -8,10 +8,15 @@ Needs root. The namespaces are sdw1..sdw3 and sdwhub on 10.215.0.x (bench/diloco
 beside that one. In the wan run every link is capped at --cap each way and peer 3's at --slow-cap, peer 3 shares
 one core with a busy loop, and peer 2 is killed (SIGKILL) at a third of the swarm steps and restarted with --resume
 15 s later. Both runs end at the same swarm step (train.max_swarm_steps) and the peers keep their identities from
-one run to the next (the same data slots and eval batches). Printed for each run: swarm steps done, averaging rounds
-by kind and outcome, the spread between the peers at each swarm step (their weight fingerprints, in swarm steps'
-worth of movement), samples trained per swarm step / target, and the final fixed-seed eval loss (mean over the
-peers) against the idle run. Timings on a shared machine are noisy: compare within one invocation.
+one run to the next (the same data slots and eval batches). The solo run is peer 1 alone, trained on as many samples
+as the idle swarm trained in all (equal samples: does a swarm learn as much per sample as one peer?). Printed for
+each run: swarm steps done, averaging rounds by kind and outcome, the spread between the peers at each swarm step
+(their weight fingerprints, in swarm steps' worth of movement; at the last step, after the swarm's final round),
+samples trained per swarm step / target, and the final fixed-seed eval loss (mean over the peers) against the idle
+run. Timings on a shared machine are noisy: compare within one invocation.
+
+A swarm step overshoots its target by about the samples the peers train while hivemind's trackers notice that the
+target was reached (about half a second): at --target 32 that is a large fraction, at the how-to's 75,000 none.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from swarm_traffic import sh
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX, SUBNET = "sdw", "10.215.0"
 IE_PORT, DHT_PORT = 8765, 31337
-TARGET = 32  # samples per swarm step: 8 batches of 4 among three peers
+BATCH = 4
 
 
 @dataclass
@@ -48,9 +53,10 @@ class Result:
     wall: float
     rounds: Counter
     spread: dict[int, float]  # swarm step -> widest distance between two peers
-    samples_per_step: float  # / TARGET
+    samples_per_step: float  # / the target
     eval_loss: float
     problems: list[str] = field(default_factory=list)
+    samples: int = 0  # trained by all the peers together
 
 
 class Peers:
@@ -64,13 +70,15 @@ class Peers:
     def out(self, i: int) -> Path:
         return self.folder / self.bridge.names[i - 1]
 
-    def start(self, i: int, *extra: str, cpus: str | None = None) -> None:
+    def start(self, i: int, *extra: str, cpus: str | None = None, swarm_steps: int | None = None,
+              min_peers: int = 3) -> None:
         relay = f"{self.bridge.address(1)}:{IE_PORT}"
-        own = {"train.max_steps": 100_000, "train.batch_size": 4, "output.log_every": 1,
+        own = {"train.max_steps": 100_000, "train.batch_size": BATCH, "output.log_every": 1,
                "output.checkpoint_every": 10, "output.sample_every": 10**8, "output.sample_steps": 1}
-        swarm = {"swarm.run_id": "wan", "swarm.access": "open", "swarm.min_peers": 3, "swarm.target_batch_size": TARGET,
-                 "swarm.matchmaking_time": 5, "swarm.averaging_timeout": 30, "swarm.allreduce_timeout": 30,
-                 "train.max_swarm_steps": self.args.swarm_steps}
+        swarm = {"swarm.run_id": "wan", "swarm.access": "open", "swarm.min_peers": min_peers,
+                 "swarm.target_batch_size": self.args.target, "swarm.matchmaking_time": 5,
+                 "swarm.averaging_timeout": 30, "swarm.allreduce_timeout": 30,
+                 "train.max_swarm_steps": swarm_steps or self.args.swarm_steps}
         sets = {**swarm, **own} if i == 1 else own
         cli = ["mother", "configs/tiny.yaml"] if i == 1 else ["join", relay]
         cli += [*(f"--set={k}={v}" for k, v in sets.items()), "--output", str(self.out(i)), *extra]
@@ -111,7 +119,8 @@ class Peers:
         return max((r["local_epoch"] for r in self.records(i) if "local_epoch" in r), default=0)
 
 
-def run(name: str, args: argparse.Namespace, folder: Path, identities: Path | None) -> Result:
+def run(name: str, args: argparse.Namespace, folder: Path, identities: Path | None, solo_steps: int = 0) -> Result:
+    """`solo_steps`: peer 1 alone, to that swarm step (one per target batch)."""
     wan = name == "wan"
     folder.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SDSWARM_CACHE": args.cache}
@@ -130,10 +139,13 @@ def run(name: str, args: argparse.Namespace, folder: Path, identities: Path | No
         try:
             if cpu is not None:
                 hog = subprocess.Popen(["taskset", "-c", cpu, sys.executable, "-c", "while True: pass"])
-            peers.start(1)
-            time.sleep(20)  # the relay first
-            peers.start(2)
-            peers.start(3, cpus=cpu)
+            if solo_steps:
+                peers.start(1, swarm_steps=solo_steps, min_peers=1)
+            else:
+                peers.start(1)
+                time.sleep(20)  # the relay first
+                peers.start(2)
+                peers.start(3, cpus=cpu)
             deadline, killed = time.monotonic() + args.timeout, False
             while peers.running() and time.monotonic() < deadline:
                 if wan and not killed and peers.swarm_step(2) >= args.swarm_steps // 3:
@@ -149,17 +161,18 @@ def run(name: str, args: argparse.Namespace, folder: Path, identities: Path | No
             peers.stop()
             if hog is not None:
                 hog.kill()
-    return measure(name, peers, time.time() - began, problems)
+    return measure(name, peers, time.time() - began, problems, args.target, 1 if solo_steps else 3)
 
 
-def measure(name: str, peers: Peers, wall: float, problems: list[str]) -> Result:
+def measure(name: str, peers: Peers, wall: float, problems: list[str], target: int, count: int) -> Result:
     from sdswarm.swarm.health import FingerprintEntry, spread
 
-    records = {i: peers.records(i) for i in (1, 2, 3)}
+    indices = range(1, count + 1)
+    records = {i: peers.records(i) for i in indices}
     rounds = Counter(f"{r['round']['kind']} {r['round']['outcome']}" for rs in records.values() for r in rs
                      if "round" in r)
-    steps = max(peers.swarm_step(i) for i in (1, 2, 3))
-    samples = sum(4 for rs in records.values() for r in rs if "step" in r)  # one record per batch (log_every 1)
+    steps = max(peers.swarm_step(i) for i in indices)
+    samples = sum(BATCH for rs in records.values() for r in rs if "step" in r)  # one record per batch (log_every 1)
     # each peer's fingerprint per swarm step (a restarted peer's latest), with its movement since the step before
     by_step: dict[int, dict[int, FingerprintEntry]] = {}
     for i, rs in records.items():
@@ -174,38 +187,46 @@ def measure(name: str, peers: Peers, wall: float, problems: list[str]) -> Result
         if found is not None:
             widths[step] = found[1]
     losses = []
-    for ns in peers.bridge.names:
+    for ns in peers.bridge.names[:count]:
         found = re.findall(r"fixed-seed eval loss: [\d.]+ at the start, ([\d.]+) at the end",
                            (peers.folder / f"{ns}.log").read_text(errors="replace"))
         if found:
             losses.append(float(found[-1]))
-    if len(losses) < 3:
-        problems.append(f"{len(losses)}/3 peers printed an eval loss")
-    return Result(name, steps, wall, rounds, widths, samples / max(steps, 1) / TARGET,
-                  sum(losses) / len(losses) if losses else math.nan, problems)
+    if len(losses) < count:
+        problems.append(f"{len(losses)}/{count} peers printed an eval loss")
+    return Result(name, steps, wall, rounds, widths, samples / max(steps, 1) / target,
+                  sum(losses) / len(losses) if losses else math.nan, problems, samples)
 
 
 def report(results: list[Result], args: argparse.Namespace, folder: Path) -> None:
     base = results[0]
-    print(f"\nthree peers, target {TARGET} samples (batch 4), {args.swarm_steps} swarm steps; wan: {args.cap} each "
-          f"way, peer 3 at {args.slow_cap} sharing a core with a busy loop, peer 2 killed and restarted")
+    print(f"\nthree peers, target {args.target} samples (batch {BATCH}), {args.swarm_steps} swarm steps; wan: "
+          f"{args.cap} each way, peer 3 at {args.slow_cap} sharing a core with a busy loop, peer 2 killed and "
+          "restarted; solo: peer 1 alone on as many samples as the idle swarm")
     print(f"logs in {folder}")
-    print(f"{'run':<5} {'swarm steps':>11} {'wall':>6} {'samples/step/target':>19} {'eval loss':>9} {'vs idle':>7} "
-          f"{'spread max':>10} {'spread mean':>11}  rounds by outcome")
+    print(f"{'run':<5} {'swarm steps':>11} {'samples':>7} {'wall':>6} {'samples/step/target':>19} {'eval loss':>9} "
+          f"{'vs idle':>7} {'spread max':>10} {'spread mean':>11}  rounds by outcome")
     for r in results:
         widths = list(r.spread.values())
-        print(f"{r.run:<5} {r.swarm_steps:>11} {r.wall:>5.0f}s {r.samples_per_step:>19.2f} {r.eval_loss:>9.4f} "
+        print(f"{r.run:<5} {r.swarm_steps:>11} {r.samples:>7} {r.wall:>5.0f}s {r.samples_per_step:>19.2f} "
+              f"{r.eval_loss:>9.4f} "
               f"{r.eval_loss / base.eval_loss:>7.3f} {max(widths, default=math.nan):>10.3f} "
               f"{sum(widths) / max(len(widths), 1):>11.3f}  "
               + ", ".join(f"{k}: {v}" for k, v in sorted(r.rounds.items())) + (f"  ({'; '.join(r.problems)})"
                                                                                  if r.problems else ""))
+    solo = next((r for r in results if r.run == "solo"), None)
+    if solo is not None:
+        print(f"eval loss of the idle swarm / one peer, at equal samples ({base.samples} / {solo.samples}): "
+              f"{base.eval_loss / solo.eval_loss:.3f}")
     for r in results:
         print(f"spread by swarm step ({r.run}): " + " ".join(f"{s}:{w:.2f}" for s, w in r.spread.items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--swarm-steps", type=int, default=24, help="train.max_swarm_steps of both runs")
+    parser.add_argument("--swarm-steps", type=int, default=24, help="train.max_swarm_steps of the swarm's runs")
+    parser.add_argument("--target", type=int, default=32, help="swarm.target_batch_size (batches of 4)")
+    parser.add_argument("--runs", default="idle,solo,wan", help="which runs, in order (idle comes first)")
     parser.add_argument("--cap", default="20mbit", help="tbf rate on each direction of each peer's link (wan run)")
     parser.add_argument("--slow-cap", default="5mbit", help="peer 3's rate (wan run)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
@@ -219,9 +240,14 @@ def main() -> None:
     load_components(TINY_MODEL_ID)  # built once, before the peers start
     folder = Path(tempfile.mkdtemp(prefix="sdswarm-wan-bench-"))
     results = []
-    for name in ("idle", "wan"):
-        print(f"{name}: three peers to swarm step {args.swarm_steps} ...", flush=True)
-        results.append(run(name, args, folder / name, None if name == "idle" else folder / "idle"))
+    names = args.runs.split(",")
+    if names[0] != "idle" or not set(names) <= {"idle", "solo", "wan"}:
+        sys.exit("--runs: idle first, then solo and/or wan")
+    for name in names:
+        solo_steps = round(results[0].samples / args.target) if name == "solo" else 0
+        print(f"{name}: " + (f"one peer to swarm step {solo_steps}" if solo_steps else
+                             f"three peers to swarm step {args.swarm_steps}") + " ...", flush=True)
+        results.append(run(name, args, folder / name, None if name == "idle" else folder / "idle", solo_steps))
         print(f"  {results[-1]}", flush=True)
     report(results, args, folder)
 

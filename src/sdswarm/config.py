@@ -172,6 +172,10 @@ class SwarmConfig(Section):
     min_link_mbit: Annotated[float, Field(ge=0.1, le=1e6)] = Field(
         10.0, description="the slowest link a state download must finish on (sets its timeout)")
     average_state_every: Annotated[int, Field(ge=1, le=10_000)] = 1
+    after_failed_round: Literal["resync", "local"] = Field(
+        "resync", description="every_step mode, a gradient round that failed or came back incomplete while other "
+        "peers trained: resync = load the swarm's state after the step (one state download, the peer stays one "
+        "model with the others); local = keep the step made with this peer's own gradient (hivemind's way)")
     request_timeout: Seconds | None = Field(
         None, description="seconds a peer waits for each answer while forming an averaging group; must be below "
         "matchmaking_time (else groups deadlock); none: a third of matchmaking_time, at most 3 (hivemind's default)")

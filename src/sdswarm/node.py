@@ -73,11 +73,13 @@ from sdswarm.swarm.telemetry import (
     GONE_AFTER,
     PeerMetrics,
     Publisher,
+    progress_epochs,
     read_fingerprints,
     read_peers,
     read_swarm,
     wait_for_peers,
     wait_for_progress_from,
+    wait_for_stragglers,
 )
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
 from sdswarm.train.colour_check import check_grid
@@ -295,9 +297,11 @@ def run_node(
                                 cleanup=cleanup, swarm_base=swarm_base, admission=admission)
         del state
         health = watch_health(config, dht, trainer, cleanup)
+        trainer.at_swarm_end = partial(end_together, trainer.optimizer, health, quit_node)
         controls = NodeControls(
             trainer=trainer, settings_dir=config.output.dir, run_id=config.swarm.run_id,
-            swarm_view=partial(read_swarm, dht, config.swarm.run_id, config.swarm.target_batch_size),
+            # the optimizer's target: DiLoCo's is swarm.local_steps x batch x peers, not the config's
+            swarm_view=lambda: read_swarm(dht, config.swarm.run_id, trainer.optimizer.target_batch_size),
             data_stats=stream.stats, join_address=None, announced=[str(a) for a in dht.get_visible_maddrs()],
             log_tail=cleanup.enter_context(LogTail().attached()), stop_training=stop_training, quit=quit_node,
             training=training_mode(config, trainer.trainable, trainer.lora_base), admission=admission,
@@ -392,7 +396,8 @@ def watch_health(config: Config, dht: hivemind.DHT, trainer: Trainer, cleanup: c
     rounds = RoundLog(config.output.dir / "metrics.jsonl", values=sum(p.numel() for p in trainer.trainable),
                       bytes_per_value=check_compression(compression_name(config.swarm))[0])
     health = SwarmHealth(trainer.optimizer, rounds, WeightFingerprint(trainer.trainable, seed=config.seed),
-                         peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id)).attach()
+                         peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id),
+                         resync_after_failed_round=config.swarm.after_failed_round == "resync").attach()
     cleanup.callback(health.detach)
     return health
 
@@ -460,6 +465,16 @@ def load_eval_batches(path: Path, stream: BatchStream, data_round: int) -> list[
     torch.save([(b.pixels, b.captions) for b in batches], buffer)
     write_atomic(path, buffer.getvalue())
     return batches
+
+
+def end_together(optimizer: SwarmOptimizer, health: SwarmHealth, stop: threading.Event) -> None:
+    """train.max_swarm_steps reached: wait for the peers still finishing the last step, then average the weights with
+    all of them, before the last checkpoint."""
+    timeout = optimizer.averaging_timeout + optimizer.load_state_timeout
+    wait_for_stragglers(optimizer, timeout, stop)
+    me = str(optimizer.dht.peer_id)
+    health.final_round(lambda: len({p for p, e in progress_epochs(optimizer).items() if e >= optimizer.local_epoch}
+                                   | {me}), timeout, stop)
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:

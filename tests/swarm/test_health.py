@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from types import SimpleNamespace
 
 import hivemind
 import pytest
 import torch
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 
 from sdswarm.cli import status_lines
 from sdswarm.config import SwarmConfig
 from sdswarm.swarm.health import FingerprintEntry, RoundLog, SwarmHealth, WeightFingerprint, round_bytes, spread
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer, withdraw_progress
+from sdswarm.swarm.telemetry import wait_for_stragglers
 from sdswarm.swarm.validation import Refusal
 
 
@@ -25,13 +31,70 @@ def test_a_round_is_one_log_line_and_one_metrics_record(tmp_path, caplog):
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["round"] == {"kind": "gradients", "swarm_step": 7, "group_size": 2, "swarm_peers": 3,
                                "outcome": "partial", "bytes_sent": 2_000_000, "bytes_received": 2_000_000,
-                               "duration": 1.25, "refused": {}}
+                               "duration": 1.25, "refused": {}, "missing": 0.0}
     assert rounds.counts["gradients partial"] == 1 and rounds.snapshot()[0]["outcome"] == "partial"
     # a round where another peer's parts were refused (swarm/validation.py) names it, in the log and the record
     rounds.record("gradients", swarm_step=8, group_size=3, swarm_peers=3, outcome="complete", duration=1.0,
                   refusals=[Refusal("QmRogue", "sender", 5, 2, "5 refused: non-finite values; 2 clipped: norm")])
     assert "7 parts refused or clipped from peer QmRogue" in caplog.text
     assert rounds.snapshot()[-1]["refused"] == {"QmRogue": 7} and rounds.refused["QmRogue"] == 7
+    # everyone gathered, but a reducer's share never came back (hivemind: "received 67% results"): partial
+    rounds.record("gradients", swarm_step=9, group_size=3, swarm_peers=3, outcome="complete", duration=1.0,
+                  missing=1 / 3)
+    assert "swarm step 9: partial, 3 of 3 peers" in caplog.text and "33% of the values came back without" in caplog.text
+
+
+class FakeOptimizer:
+    """What SwarmHealth reads of a hivemind.Optimizer around a gradient round, and a state download that lands at the
+    swarm's step."""
+
+    def __init__(self, peers: int, missing: float = 0.0) -> None:
+        self.local_epoch, self.loads = 4, 0
+        self.tracker = SimpleNamespace(global_progress=SimpleNamespace(num_peers=peers))
+        self.grad_averager = SimpleNamespace(take_reports=lambda: ([], missing))
+        self.opt = SimpleNamespace(last_grad_norm=0.5)
+
+    def load_state_from_peers(self) -> None:
+        self.loads += 1
+
+
+class FinishedRound:
+    def __init__(self, group: int) -> None:
+        self.group = group
+
+    def done(self) -> bool:
+        return True
+
+    def exception(self) -> None:
+        return None
+
+    def result(self) -> dict:
+        return dict.fromkeys(range(self.group))
+
+
+@pytest.mark.parametrize(("peers", "began", "group", "missing", "policy", "loads"), [
+    (3, False, 0, 0.0, True, 1),  # no group could start while two others trained: the swarm's step, downloaded
+    (3, True, 3, 0.4, True, 1),  # a reducer's share never came back: this peer's step is not the group's
+    (3, True, 3, 0.0, True, 0),  # a complete round: nothing to repair
+    (3, True, 2, 0.0, True, 0),  # a partial group: its members agree; parameter rounds bring the groups together
+    (1, False, 0, 0.0, True, 0),  # alone in the swarm: its own step is the swarm's
+    (3, False, 0, 0.0, False, 0),  # swarm.after_failed_round: local (hivemind's way)
+])
+def test_a_failed_gradient_round_is_repaired_by_loading_the_swarms_state(tmp_path, caplog, peers, began, group,
+                                                                        missing, policy, loads):
+    optimizer = FakeOptimizer(peers, missing)
+    rounds = RoundLog(tmp_path / "metrics.jsonl", values=64, bytes_per_value=4.0)
+    health = SwarmHealth(optimizer, rounds, None, resync_after_failed_round=policy)
+    with caplog.at_level(logging.INFO):
+        if health._wrap_begin(lambda *args: began)(None):
+            health._wrap_average(lambda control: None)(FinishedRound(group))
+        health.after_swarm_step()
+    assert optimizer.loads == loads and health.resyncs == loads
+    if loads:
+        assert "loading the swarm's state instead of keeping this peer's own step" in caplog.text
+        (resync,) = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+                     if "resync" in r]
+        assert resync["from_swarm_step"] == 4
 
 
 def test_round_bytes_follow_the_butterfly_all_reduce():
@@ -135,3 +198,32 @@ def test_a_stopped_peer_withdraws_its_samples_and_throughput(lone_optimizer):
     progress = optimizer.tracker.local_progress
     assert progress.samples_accumulated == 0 and progress.samples_per_second < 1e-6
     assert optimizer.grad_averager.local_samples_accumulated == 0
+
+
+def test_the_last_swarm_step_waits_for_peers_still_finishing_it():
+    dht = hivemind.DHT(start=True)
+    try:
+        key = "run_progress"  # hivemind's progress records, as its tracker writes them
+        optimizer = SimpleNamespace(tracker=SimpleNamespace(training_progress_key=key), dht=dht, local_epoch=6)
+
+        def report(peer: bytes, epoch: int) -> None:
+            progress = {"peer_id": peer, "epoch": epoch, "samples_accumulated": 0, "samples_per_second": 1.0,
+                        "time": get_dht_time(), "client_mode": False}
+            dht.store(key, subkey=peer, value=progress, expiration_time=get_dht_time() + 60)
+
+        report(dht.peer_id.to_bytes(), 6)  # this peer's own record is not waited for
+        straggler = PeerID.from_base58("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").to_bytes()
+        assert wait_for_stragglers(optimizer, timeout=30, stop=threading.Event()) == 0
+        report(straggler, 5)
+        timer = threading.Timer(2.0, report, (straggler, 6))  # it finishes its last round
+        timer.start()
+        began = time.monotonic()
+        assert wait_for_stragglers(optimizer, timeout=30, stop=threading.Event()) == 0
+        assert 1.5 < time.monotonic() - began < 20
+        report(straggler, 5)  # one that never gets there: the wait is bounded, or ended by a signal
+        assert wait_for_stragglers(optimizer, timeout=1, stop=threading.Event()) == 1
+        stop = threading.Event()
+        stop.set()
+        assert wait_for_stragglers(optimizer, timeout=30, stop=stop) == 1
+    finally:
+        stop_dht(dht)

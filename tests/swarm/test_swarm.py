@@ -67,6 +67,8 @@ def test_three_peers_train_one_model(peers):
         start, end = peer.eval_losses()
         assert end < 0.8 * start, f"{peer.name}: eval loss {start} -> {end}"
         assert all(math.isfinite(m["loss"]) for m in peer.metrics())
+    # the swarm's last step ends with a round of everyone still there (partial rounds before it under load)
+    assert any("the swarm ends as one model" in peer.log() for peer in everyone)
     # the peers hold one model: they differ far less than training moved them
     initial = load_components(TINY_MODEL_ID).unet.state_dict()
     weights = [unet_weights(peer) for peer in everyone]
@@ -312,6 +314,9 @@ def test_diloco_late_joiner_downloads_the_global_weights_and_a_killed_peer_does_
     assert found and float(found.group(2)) < 3.5, late.log()[-3000:]
     assert f"global weights and outer momentum, {found.group(1)} MB" in late.log()
     late.wait_until(lambda: ": averaged (group of 3" in late.log(), "an outer step with all three")
+    # `sdswarm status` shows DiLoCo's target (local_steps 4 x batch 4 x 3 peers), not swarm.target_batch_size (32)
+    mother.wait_until(lambda: fetch_swarm_view(mother.address)["target_batch_size"] == 48, "DiLoCo's target shown",
+                      timeout=60)
 
     step = mother.step()
     first.signal(signal.SIGKILL)  # in its local phase: outer steps are seconds apart, local steps most of the time

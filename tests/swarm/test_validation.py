@@ -10,11 +10,13 @@ import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from sdswarm.swarm.catch_up import MAX_STATE_CHANGE, TrustedProgressTracker, state_problem
+from sdswarm.swarm.catch_up import MAX_STATE_CHANGE, PackedTensors, TrustedProgressTracker, state_problem
+from sdswarm.swarm.optimizer import state_compression
 from sdswarm.swarm.validation import CLIP_RATIO, CheckedAveraging, CheckedPartReducer, Quarantine, robust_mean
 
 
@@ -147,7 +149,7 @@ def test_a_peer_caught_sending_1e6x_parts_is_kept_out_of_the_next_rounds():
         for _ in range(5):  # until the rogue was in a group with each of them (matchmaking may leave it out once)
             round_()
             for seen, averager in zip(refusals, honest, strict=True):
-                seen += averager.take_refusals()
+                seen += averager.take_reports()[0]
             if all(refusals):
                 break
         assert all(refusals) and all(r.sender == str(rogue.peer_id) and r.flagrant for rs in refusals for r in rs), \
@@ -163,7 +165,7 @@ def test_a_peer_caught_sending_1e6x_parts_is_kept_out_of_the_next_rounds():
             if all(r is not None for r in results[:2]):
                 break
         assert all(r is not None and set(r) == {a.peer_id for a in honest} for r in results[:2]), results
-        assert not any(a.take_refusals() for a in honest)
+        assert not any(a.take_reports()[0] for a in honest)
         for averager in honest:
             with averager.get_tensors() as (tensor,):
                 torch.testing.assert_close(tensor, expected)
@@ -191,6 +193,20 @@ def test_a_state_is_checked_before_it_replaces_this_peers():
     assert "3 tensors" not in (problem(good[:2]) or "") and "2 tensors" in problem(good[:2])
     rogue = [torch.full_like(p, 1234.0) for p in params] + stats  # the hijack's weights
     assert f"at most {MAX_STATE_CHANGE}" in problem(rogue)
+
+
+def test_a_downloaded_state_is_held_compressed_and_decompressed_tensor_by_tensor():
+    """As the state comes over the wire (fp16 weights, 8-bit moments): half its fp32 size or less, each tensor
+    restored when read, within its codec's error; the checks and hivemind's load read it through slices."""
+    weights, moments = torch.randn(256, 64), torch.rand(64, 64)
+    codec = state_compression()
+    messages = [codec.compress(weights, CompressionInfo.from_tensor(weights, key=0, role=TensorRole.PARAMETER)),
+                codec.compress(moments, CompressionInfo.from_tensor(moments, key=1, role=TensorRole.OPTIMIZER))]
+    packed = PackedTensors([m.SerializeToString() for m in messages])
+    assert len(packed) == 2 and packed.nbytes < 0.5 * 4 * (weights.numel() + moments.numel())
+    torch.testing.assert_close(packed[0], weights, atol=2e-3, rtol=1e-3)  # fp16
+    assert (packed[1] - moments).abs().max() < 0.02 and packed[1:][0].shape == moments.shape  # 8-bit
+    assert state_problem({"epoch": 1}, packed, params=[weights], others=[moments], local_epoch=0, ceiling=2) is None
 
 
 @pytest.fixture(scope="module")

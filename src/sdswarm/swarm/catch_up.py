@@ -33,7 +33,7 @@ from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
@@ -171,15 +171,16 @@ class CheckedDownloads(DecentralizedAverager):
             ranked.append((float(priority), random.random(), peer))
         return [peer for _, _, peer in sorted(ranked, reverse=True)]
 
-    def _download_from(self, donor: PeerID, timeout: float | None):
+    def _download_from(self, donor: PeerID, timeout: float | None) -> tuple[Any, PackedTensors] | None:
         future = MPFuture()
         self._outer_pipe.send(("_download_state_from", [], dict(donor=donor.to_bytes(), timeout=timeout,
                                                                 future=future)))
-        return future.result(timeout=timeout)
+        state = future.result(timeout=timeout)
+        return None if state is None else (state[0], PackedTensors(state[1]))
 
     async def _download_state_from(self, donor: bytes, future: MPFuture, timeout: float | None = None) -> None:
-        """In the averager's process: one donor's (metadata, tensors), or None; as hivemind 1.1.12's
-        DecentralizedAverager._load_state_from_peers does for each donor it tries."""
+        """In the averager's process: one donor's (metadata, tensors as they came: serialized, compressed), or None;
+        as hivemind 1.1.12's DecentralizedAverager._load_state_from_peers does for each donor it tries."""
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
@@ -190,17 +191,38 @@ class CheckedDownloads(DecentralizedAverager):
                 if message.metadata:
                     metadata = self.serializer.loads(message.metadata)
                 if message.tensor_part.dtype and parts:
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    tensors.append(combine_from_streaming(parts).SerializeToString())
                     parts = []
                 parts.append(message.tensor_part)
             if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                tensors.append(combine_from_streaming(parts).SerializeToString())
             future.set_result((metadata, tensors) if metadata else None)
         except BaseException as exc:
             if not future.done():
                 future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
+
+
+class PackedTensors(Sequence[torch.Tensor]):
+    """A downloaded state as it came over the wire (compressed: fp16 weights, 8-bit moments, about 4 bytes per
+    parameter), each tensor decompressed only when read (checked, then copied into place, one at a time): the
+    state is never held whole in fp32 beside this peer's own (12 bytes per parameter more)."""
+
+    def __init__(self, messages: Sequence[bytes]) -> None:
+        self.messages = messages
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return PackedTensors(self.messages[index])
+        return deserialize_torch_tensor(runtime_pb2.Tensor.FromString(self.messages[index]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(message) for message in self.messages)
 
 
 class CheckedStateAverager(GatedRPCs, CheckedAveraging, TrainingStateAverager, CheckedDownloads):
@@ -230,25 +252,21 @@ def state_problem(metadata: Any, tensors: Sequence[torch.Tensor], *, params: Seq
     local = [*params, *others]
     if len(tensors) != len(local):
         return f"{len(tensors)} tensors, this peer has {len(local)}"
-    for i, (mine, theirs) in enumerate(zip(local, tensors, strict=True)):
+    moved = size = 0.0  # |loaded - local|^2 and |local|^2 over the weights
+    for i, (mine, theirs) in enumerate(zip(local, tensors, strict=True)):  # one read of each: they decompress
         if mine.shape != theirs.shape:
             return f"tensor {i} has shape {tuple(theirs.shape)}, this peer's {tuple(mine.shape)}"
         if not bool(torch.isfinite(theirs).all()):
             return f"tensor {i} holds non-finite values"
-    change = state_change(params, tensors[:len(params)])
+        if i < len(params):
+            with torch.no_grad():
+                moved += float((theirs.double() - mine.detach().to(theirs.device).double()).square().sum())
+                size += float(mine.detach().double().square().sum())
+    change = math.sqrt(moved) / max(math.sqrt(size), 1e-12)
     if change > MAX_STATE_CHANGE:
         return (f"its weights are {change:.3g}x their norm away from this peer's (at most {MAX_STATE_CHANGE}: "
                 "no swarm moves that far)")
     return None
-
-
-@torch.no_grad()
-def state_change(local: Sequence[torch.Tensor], loaded: Sequence[torch.Tensor]) -> float:
-    """|loaded - local| / |local| over all the weights."""
-    moved = sum(float((b.double() - a.detach().to(b.device).double()).square().sum()) for a, b in
-                zip(local, loaded, strict=True))
-    size = sum(float(a.detach().double().square().sum()) for a in local)
-    return math.sqrt(moved) / max(math.sqrt(size), 1e-12)
 
 
 class GuardedOptimizer(hivemind.Optimizer):

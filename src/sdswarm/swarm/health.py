@@ -6,6 +6,10 @@ hivemind 1.1.12 (as pinned) learns a round's outcome in two places, both watched
 - parameters: the state averager's background thread only logs the outcome ("Averaged parameters with N peers",
   "Averaging failed with ..."): a logging handler on its logger reads it.
 - DiLoCo's outer step (swarm/diloco.py) tells its `on_swarm_step` how each swarm step went.
+
+And it keeps the peers one model: a peer re-syncs (downloads the swarm's state) when its gradient round failed or
+came back incomplete, or when its fingerprint drifted from the others'; at train.max_swarm_steps the peers end
+with a parameter round that holds them all (`final_round`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class Round(BaseModel):
     time: float = 0.0
     # peer id -> its parts this peer refused or clipped in the round (swarm/validation.py: NaN, 1e6x, ...)
     refused: dict[str, int] = Field(default_factory=dict, max_length=64)
+    # the share of the vector no reducer returned (one failed or left): this peer kept its own values there
+    missing: float = Field(0.0, ge=0, le=1)
 
 
 def round_bytes(values: int, bytes_per_value: float, group_size: int) -> int:
@@ -73,18 +79,22 @@ class RoundLog:
         self._lock = threading.Lock()
 
     def record(self, kind: str, *, swarm_step: int, group_size: int, swarm_peers: int, outcome: Outcome,
-               duration: float, refusals: Sequence[Refusal] = ()) -> Round:
-        """Record one round; callable from any thread (the DiLoCo outer step's included)."""
+               duration: float, refusals: Sequence[Refusal] = (), missing: float = 0.0) -> Round:
+        """Record one round; callable from any thread (the DiLoCo outer step's included). A round that gathered
+        everyone but got back only part of the averages (`missing`) is partial."""
+        if outcome == "complete" and missing > 0:
+            outcome = "partial"
         size = round_bytes(self.values, self.bytes_per_value, group_size)
         refused = Counter()
         for refusal in refusals:
             refused[refusal.sender] += refusal.refused + refusal.clipped
         entry = Round(kind=kind, swarm_step=swarm_step, group_size=group_size, swarm_peers=swarm_peers,
                       outcome=outcome, bytes_sent=size, bytes_received=size, duration=max(duration, 0.0),
-                      time=time.time(), refused=dict(refused.most_common(64)))
+                      time=time.time(), refused=dict(refused.most_common(64)), missing=min(missing, 1.0))
         level = logging.WARNING if outcome in ("failed", "partial") or refused else logging.INFO
-        log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way%s", kind, swarm_step,
+        log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way%s%s", kind, swarm_step,
                 outcome, group_size, swarm_peers, entry.duration, _megabytes(size),
+                f"; {entry.missing:.0%} of the values came back without an average" if entry.missing else "",
                 "".join(f"; {n} parts refused or clipped from peer {peer}" for peer, n in entry.refused.items()))
         with self._lock:
             self.recent.append(entry)
@@ -176,13 +186,19 @@ def finish_pending_rounds(optimizer: hivemind.Optimizer) -> None:
 
 class SwarmHealth:
     """Watches one hivemind.Optimizer: records its rounds, the gradient norm and a fingerprint per swarm step,
-    and re-syncs this peer from the others when it has drifted away from them."""
+    and re-syncs this peer from the others when it has drifted away from them, or (`resync_after_failed_round`)
+    when its gradient round failed or came back incomplete while others trained: hivemind would keep the step it
+    made with its own gradient, and the peer would stay apart from the swarm until parameter rounds (which leave
+    AdamW's moments apart) pull it back."""
 
     def __init__(self, optimizer: hivemind.Optimizer | DiLoCoOptimizer, rounds: RoundLog,
                  fingerprint: WeightFingerprint | None,
-                 peer_fingerprints: Callable[[], dict[str, list[FingerprintEntry]]] | None = None) -> None:
+                 peer_fingerprints: Callable[[], dict[str, list[FingerprintEntry]]] | None = None, *,
+                 resync_after_failed_round: bool = True) -> None:
         self.optimizer, self.rounds, self.fingerprint = optimizer, rounds, fingerprint
         self.peer_fingerprints = peer_fingerprints
+        self.resync_after_failed_round = resync_after_failed_round
+        self._resync_why: str | None = None  # set by this swarm step's gradient round, done after the step
         self.fingerprints: deque[FingerprintEntry] = deque(maxlen=FINGERPRINT_HISTORY)
         self.grad_norm: float | None = None
         self.spread: float | None = None  # the swarm's, in swarm steps' worth of movement
@@ -244,10 +260,15 @@ class SwarmHealth:
         return wrapped
 
     def _record_gradients(self, outcome: Outcome, group: int) -> None:
-        self.rounds.record("gradients", swarm_step=self.optimizer.local_epoch, group_size=group,
-                           swarm_peers=self._grad_peers, outcome=outcome,
-                           duration=time.perf_counter() - self._grad_started,
-                           refusals=_refusals(self.optimizer.grad_averager))
+        refusals, missing = _reports(self.optimizer.grad_averager)
+        entry = self.rounds.record("gradients", swarm_step=self.optimizer.local_epoch, group_size=group,
+                                   swarm_peers=self._grad_peers, outcome=outcome,
+                                   duration=time.perf_counter() - self._grad_started, refusals=refusals,
+                                   missing=missing)
+        if self.resync_after_failed_round and self._grad_peers > 1 and (outcome == "failed" or entry.missing):
+            self._resync_why = (f"its gradient round failed ({self._grad_peers} peers in the swarm)"
+                                if outcome == "failed" else
+                                f"{entry.missing:.0%} of its gradient round came back without the group's average")
 
     def _wrap_state_step(self, step):
         @functools.wraps(step)
@@ -263,9 +284,10 @@ class SwarmHealth:
         started, swarm_step, peers = self._state_round
         self._state_round = None
         outcome = "failed" if group is None else ("complete" if group >= peers else "partial")
+        refusals, missing = _reports(self.optimizer.state_averager)
         self.rounds.record("parameters", swarm_step=swarm_step, group_size=group or 1, swarm_peers=peers,
-                           outcome=outcome, duration=time.perf_counter() - started,
-                           refusals=_refusals(self.optimizer.state_averager))
+                           outcome=outcome, duration=time.perf_counter() - started, refusals=refusals,
+                           missing=missing)
 
     def _outer_step_done(self, step: OuterStep) -> None:
         """DiLoCo: one averaging round of pseudo-gradients per swarm step; a missed one is a failed round (the peer
@@ -274,9 +296,10 @@ class SwarmHealth:
             outcome: Outcome = "complete" if step.group_size >= step.swarm_peers else "partial"
         else:
             outcome = "alone" if step.outcome == "alone" else "failed"
+        refusals, missing = _reports(self.optimizer.averager)
         self.rounds.record("outer", swarm_step=step.round_step, group_size=step.group_size,
-                           swarm_peers=step.swarm_peers, outcome=outcome, duration=step.seconds,
-                           refusals=_refusals(self.optimizer.averager))
+                           swarm_peers=step.swarm_peers, outcome=outcome, duration=step.seconds, refusals=refusals,
+                           missing=missing)
         self.after_swarm_step()
 
     def _wrap_update(self, update):
@@ -292,6 +315,9 @@ class SwarmHealth:
     def after_swarm_step(self) -> None:
         inner = self.optimizer.inner if isinstance(self.optimizer, DiLoCoOptimizer) else self.optimizer.opt
         self.grad_norm = getattr(inner, "last_grad_norm", None)  # DiLoCo: of its last local step
+        if self._resync_why is not None:
+            why, self._resync_why = self._resync_why, None
+            self.resync(f"{why}: loading the swarm's state instead of keeping this peer's own step")
         if self.fingerprint is None:
             return
         values = self.fingerprint()
@@ -318,11 +344,39 @@ class SwarmHealth:
         swarm_step, self.spread, distances = found
         mine = distances.get(me)
         if mine is not None and len(distances) >= 3 and mine > DRIFT_TOLERANCE:
-            log.warning("this peer drifted from the swarm (%.1f swarm steps' worth at step %d): loading the state "
-                        "from peers", mine, swarm_step)
-            self.optimizer.load_state_from_peers()
-            self.resyncs += 1
-            self.fingerprints.clear()
+            self.resync(f"this peer drifted from the swarm ({mine:.1f} swarm steps' worth at step {swarm_step}): "
+                        "loading the state from peers")
+
+    def resync(self, why: str) -> None:
+        step = self.optimizer.local_epoch
+        log.warning("swarm step %d: %s", step, why)
+        self.optimizer.load_state_from_peers()
+        self.resyncs += 1
+        self.fingerprints.clear()
+        self.rounds.write({"resync": why, "from_swarm_step": step, "to_swarm_step": self.optimizer.local_epoch})
+
+    def final_round(self, peers_here: Callable[[], int], timeout: float, stop: threading.Event) -> bool:
+        """train.max_swarm_steps: average the weights once more with every peer still here, again until one round
+        holds them all (they all are at the last step: nothing else competes for the group), so that the swarm's
+        checkpoints and exports are one model even when its last rounds were partial. True when one did."""
+        if not isinstance(self.optimizer, hivemind.Optimizer):  # DiLoCo: the outer step already is the last average
+            return True
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            expected = peers_here()
+            if expected <= 1:
+                return True
+            self.optimizer.state_averager.step(averaging_round=True, delay_averaging=False,
+                                               averaging_opts=dict(timeout=self.optimizer.averaging_timeout))
+            last = self.rounds.recent[-1] if self.rounds.recent else None
+            if last is not None and last.kind == "parameters" and last.group_size >= expected and not last.missing:
+                log.info("the swarm ends as one model: the last weights were averaged with all %d peers", expected)
+                if self.fingerprint is not None:  # the last step's fingerprint, now the swarm's
+                    self.rounds.write({"swarm_step": self.optimizer.local_epoch, "grad_norm": self.grad_norm,
+                                       "fingerprint": self.fingerprint(), "final": True})
+                return True
+        log.warning("ending without a last round that held every peer: this peer's weights may differ from theirs")
+        return False
 
     def published(self) -> dict:
         """What this peer tells the swarm about its health (telemetry)."""
@@ -350,10 +404,11 @@ class _StateRoundHandler(logging.Handler):
             log.debug("could not record a parameter round", exc_info=True)
 
 
-def _refusals(averager: object) -> list[Refusal]:
-    """What a checked averager (swarm/validation.py) refused since it was last asked."""
-    take = getattr(averager, "take_refusals", None)
-    return take() if take is not None else []
+def _reports(averager: object) -> tuple[list[Refusal], float]:
+    """What a checked averager (swarm/validation.py) refused since it was last asked, and the share of a vector
+    that came back without an average."""
+    take = getattr(averager, "take_reports", None)
+    return take() if take is not None else ([], 0.0)
 
 
 def _megabytes(size: int) -> str:

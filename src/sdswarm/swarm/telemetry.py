@@ -12,6 +12,7 @@ from typing import Any, Literal
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.p2p import PeerID
 from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, Field, ValidationError
@@ -43,7 +44,7 @@ class PeerMetrics(BaseModel):
     grad_norm: float | None = None  # the averaged gradient's norm at its last swarm step, before clipping
     rounds: list[Round] = Field(default_factory=list, max_length=RECENT_ROUNDS)  # its latest averaging rounds
     fingerprints: list[FingerprintEntry] = Field(default_factory=list, max_length=FINGERPRINT_HISTORY)
-    resyncs: int = 0  # times it re-loaded the state from peers after drifting away
+    resyncs: int = 0  # times it re-loaded the state from peers (drifted away, or its gradient round failed)
     # LoRA swarms: the base model its adapters belong to (model/lora.py: BaseIdentity); a peer reaching the swarm
     # through the DHT alone compares its own with these
     base_model: str | None = Field(None, max_length=256)
@@ -169,7 +170,7 @@ def read_fingerprints(dht: hivemind.DHT, run_id: str) -> dict[str, list[Fingerpr
 def _progress_peer(entry: dict) -> str | None:
     """The peer id of a hivemind progress record (bytes), as telemetry names it."""
     try:
-        return hivemind.PeerID(entry["peer_id"]).to_base58()
+        return PeerID(entry["peer_id"]).to_base58()
     except Exception:
         return None
 
@@ -242,3 +243,41 @@ def wait_for_progress_from(optimizer: hivemind.Optimizer, count: int, timeout: f
             break
         threading.Event().wait(0.2)
     return seen
+
+
+def progress_epochs(optimizer: hivemind.Optimizer) -> dict[str, int]:
+    """The swarm step of each peer with a hivemind progress record (this one included); a departed peer's tracker
+    removes its record, a killed one's expires."""
+    epochs = {}
+    for _, entry in _entries(optimizer.dht, optimizer.tracker.training_progress_key):
+        peer = _progress_peer(entry) if isinstance(entry, dict) else None
+        if peer is not None and isinstance(entry.get("epoch"), int):
+            epochs[peer] = entry["epoch"]
+    return epochs
+
+
+def wait_for_stragglers(optimizer: hivemind.Optimizer, timeout: float, stop: threading.Event) -> int:
+    """After the swarm's last step (train.max_swarm_steps): stay up while other peers are still before it, so that
+    their last gradient round still finds this peer's averagers and a peer whose round failed can download the state
+    the others ended with. Without it the fast peers leave mid-round and the last one ends as another model. Returns
+    the peers still behind when it stopped waiting."""
+    me = str(optimizer.dht.peer_id)
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        try:
+            behind = {peer for peer, epoch in progress_epochs(optimizer).items()
+                      if peer != me and epoch < optimizer.local_epoch}
+        except Exception as exc:  # the DHT is having trouble: nobody to wait for that we could see
+            log.debug("could not read the swarm's progress: %s", exc)
+            return 0
+        if not behind or stop.is_set():
+            return len(behind)
+        if time.monotonic() >= deadline:
+            log.warning("%d peers still had not reached swarm step %d after %.0f s; leaving", len(behind),
+                        optimizer.local_epoch, timeout)
+            return len(behind)
+        if not said:
+            log.info("staying up to %.0f s while %d peers finish swarm step %d (their last round needs this peer)",
+                     timeout, len(behind), optimizer.local_epoch)
+            said = True
+        stop.wait(1.0)

@@ -16,7 +16,9 @@ between that mean and the sender's part. A single peer can therefore spoil a rou
   for that share, as hivemind does when a reducer fails.
 
 Every refusal names the sender's peer id: a warning in the log (one line per peer and round) and a record the
-parent process drains (`CheckedAveraging.take_refusals`) into the round records of swarm/health.py.
+parent process drains (`CheckedAveraging.take_reports`) into the round records of swarm/health.py, with the share
+of the vector whose reducer returned nothing (hivemind keeps this peer's own part there, and says only "received
+N% results").
 
 A peer caught sending what no honest peer sends (non-finite values or weights; in gradient rounds, a part or an
 average more than FLAGRANT_RATIO times the group's scale) is *quarantined*: this averager neither leads it, nor
@@ -101,6 +103,13 @@ class Refusal:
     clipped: int
     reason: str
     flagrant: bool = False  # what no honest peer sends: the sender is quarantined
+
+
+@dataclass(frozen=True)
+class Missing:
+    """The share of one round's vector that no reducer returned (it failed or left): this peer kept its own part."""
+
+    fraction: float
 
 
 def norm_of(tensor: torch.Tensor) -> float:
@@ -273,6 +282,9 @@ class CheckedAllReduceRunner(AllReduceRunner):
             self._report()
 
     def _report(self) -> None:
+        container = self.tensor_part_container
+        if container.failed_size and self.report is not None:  # a reducer failed: its share kept this peer's part
+            self.report.put(Missing(container.failed_size / max(container.total_size, 1)))
         refusals = []
         senders = self.sender_peer_ids
         for index, actions in enumerate(self.tensor_part_reducer.actions):
@@ -354,7 +366,7 @@ class CheckedMatchmaking(Matchmaking):
 
 class CheckedAveraging(DecentralizedAverager):
     """Mixin for a hivemind averager: every all-reduce runs with `CheckedAllReduceRunner`. The refusals come back
-    from the averager's process through a queue: `take_refusals()` in the parent."""
+    from the averager's process through a queue: `take_reports()` in the parent."""
 
     refusal_kind = "averaging"
 
@@ -386,14 +398,19 @@ class CheckedAveraging(DecentralizedAverager):
         handle_name = f"{hivemind_class.__name__}.{method_name}"
         return handle_name if namespace is None else f"{namespace}::{handle_name}"
 
-    def take_refusals(self) -> list[Refusal]:
-        """The refusals reported since the last call (this peer's rounds, from the averager's process)."""
-        taken = []
+    def take_reports(self) -> tuple[list[Refusal], float]:
+        """What this peer's rounds reported since the last call (from the averager's process): the refusals, and the
+        largest share of a vector that came back without an average."""
+        refusals, missing = [], 0.0
         while True:
             try:
-                taken.append(self._refusals.get_nowait())
+                report = self._refusals.get_nowait()
             except (queue.Empty, OSError, ValueError):
-                return taken
+                return refusals, missing
+            if isinstance(report, Missing):
+                missing = max(missing, report.fraction)
+            else:
+                refusals.append(report)
 
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: bytes | None = None, **kwargs) -> None:

@@ -106,6 +106,7 @@ class Trainer:
         self._last_saved_step = -1
         self.checkpoint_requested = threading.Event()  # "save now" from the UI, honoured after this step
         self.after_first_step: Callable[[], None] | None = None  # e.g. the swarm's start-up barrier
+        self.at_swarm_end: Callable[[], None] | None = None  # train.max_swarm_steps: e.g. ending as one model
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -152,17 +153,23 @@ class Trainer:
         if stop.is_set():
             log.info("stop requested at step %d: saving a checkpoint", p.step)
         finish_pending_rounds(self.optimizer)  # every peer saves the weights the swarm averaged last
+        if self.swarm_finished and not stop.is_set() and self.at_swarm_end is not None:
+            self.at_swarm_end()
         self.save_checkpoint(wait=True)
         if self.last_samples is None or self.last_samples.name != f"step_{p.step:08d}.png":  # not just made
             self.save_samples()
         return p
 
+    @property
+    def swarm_finished(self) -> bool:
+        """The swarm reached train.max_swarm_steps: every peer stops here."""
+        return self.train.max_swarm_steps is not None and self.optimizer.local_epoch >= self.train.max_swarm_steps
+
     def finished(self) -> bool:
-        max_swarm_steps, max_steps = self.train.max_swarm_steps, self.train.max_steps
-        if max_swarm_steps is not None and self.optimizer.local_epoch >= max_swarm_steps:
+        if self.swarm_finished:
             log.info("the swarm reached swarm step %d (train.max_swarm_steps): done", self.optimizer.local_epoch)
             return True
-        return max_steps is not None and self.progress.step >= max_steps
+        return self.train.max_steps is not None and self.progress.step >= self.train.max_steps
 
     def train_step(self, batch: Batch) -> float:
         """One local step: loss, backward, hand the gradient to hivemind (which steps when the swarm is ready)."""
