@@ -472,9 +472,17 @@ def end_together(optimizer: SwarmOptimizer, health: SwarmHealth, stop: threading
     all of them, before the last checkpoint."""
     timeout = optimizer.averaging_timeout + optimizer.load_state_timeout
     wait_for_stragglers(optimizer, timeout, stop)
-    me = str(optimizer.dht.peer_id)
-    health.final_round(lambda: len({p for p, e in progress_epochs(optimizer).items() if e >= optimizer.local_epoch}
-                                   | {me}), timeout, stop)
+
+    def peers_here() -> int:  # at this last step, this peer included (a peer that trains on is not waited for)
+        try:
+            epochs = progress_epochs(optimizer)
+        except Exception as exc:  # the DHT is having trouble: end without the last round
+            log.warning("could not read the swarm's progress for the last round: %s", exc)
+            return 1
+        return len({peer for peer, epoch in epochs.items() if epoch == optimizer.local_epoch} | {str(dht.peer_id)})
+
+    dht = optimizer.dht
+    health.final_round(peers_here, timeout, stop)
 
 
 def train_until_done(trainer: Trainer, controls: NodeControls) -> None:
