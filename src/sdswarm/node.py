@@ -479,9 +479,9 @@ def end_together(optimizer: SwarmOptimizer, health: SwarmHealth, stop: threading
         except Exception as exc:  # the DHT is having trouble: end without the last round
             log.warning("could not read the swarm's progress for the last round: %s", exc)
             return 1
-        return len({peer for peer, epoch in epochs.items() if epoch == optimizer.local_epoch} | {str(dht.peer_id)})
+        here = {peer for peer, epoch in epochs.items() if epoch == optimizer.local_epoch}
+        return len(here | {str(optimizer.dht.peer_id)})
 
-    dht = optimizer.dht
     health.final_round(peers_here, timeout, stop)
 
 
