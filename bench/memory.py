@@ -122,6 +122,7 @@ def peer(args: argparse.Namespace) -> None:
             time.sleep(0.2)
         sampler.enter("downloading")
         optimizer.load_state_from_peers()
+        result["downloaded"] = optimizer.local_epoch >= 1  # the donor's state is at its first swarm step
         (workdir / "downloaded").touch()
     sampler.enter("end")
     result["peaks"] = sampler.peaks
@@ -151,6 +152,8 @@ def run_pair(sync: str, layout: str, params: float) -> dict[str, float]:
                    for role in ("donor", "joiner")}
     per = {"training": ("donor", "training"), "serving": ("donor", "serving"),
            "downloading": ("joiner", "downloading")}
+    if not results["joiner"].get("downloaded"):
+        print(f"  {sync} {layout}: the joiner's download FAILED: its figure is not a download's", flush=True)
     return {name: (results[role]["peaks"][phase] - results[role]["baseline"]) / params
             for name, (role, phase) in per.items()}
 

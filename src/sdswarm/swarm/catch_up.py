@@ -112,6 +112,11 @@ class TrustedProgressTracker(ProgressTracker):
         return kept
 
 
+# the longest wait for the next part of a state download: a donor compresses each tensor as it sends it (SD 1.5's
+# largest is 13 M values), on a machine that trains meanwhile; the whole download is bounded by load_state_timeout
+CHUNK_TIMEOUT = 30.0
+
+
 class CheckedDownloads(DecentralizedAverager):
     """Mixin placed under TrainingStateAverager (whose load_state_from_peers calls this one's): the download,
     donor by donor, each state checked by `state_problem` before it is handed on."""
@@ -181,8 +186,8 @@ class CheckedDownloads(DecentralizedAverager):
     async def _download_state_from(self, donor: bytes, future: MPFuture, timeout: float | None = None) -> None:
         """In the averager's process: one donor's (metadata, tensors as they came: serialized, compressed), or None;
         as hivemind 1.1.12's DecentralizedAverager._load_state_from_peers does for each donor it tries."""
-        if timeout is not None:
-            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        if timeout is not None:  # hivemind's per-chunk wait is the averager's request_timeout (a second or three)
+            timeout = max(self.next_chunk_timeout or self.request_timeout, CHUNK_TIMEOUT)
         try:
             stub = self.get_stub(self._p2p, PeerID(donor), namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
