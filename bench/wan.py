@@ -57,6 +57,7 @@ class Result:
     eval_loss: float
     problems: list[str] = field(default_factory=list)
     samples: int = 0  # trained by all the peers together
+    losses: list[float] = field(default_factory=list)  # each peer's (its own fixed eval batches), peer 1 first
 
 
 class Peers:
@@ -195,7 +196,7 @@ def measure(name: str, peers: Peers, wall: float, problems: list[str], target: i
     if len(losses) < count:
         problems.append(f"{len(losses)}/{count} peers printed an eval loss")
     return Result(name, steps, wall, rounds, widths, samples / max(steps, 1) / target,
-                  sum(losses) / len(losses) if losses else math.nan, problems, samples)
+                  sum(losses) / len(losses) if losses else math.nan, problems, samples, losses)
 
 
 def report(results: list[Result], args: argparse.Namespace, folder: Path) -> None:
@@ -215,9 +216,10 @@ def report(results: list[Result], args: argparse.Namespace, folder: Path) -> Non
               + ", ".join(f"{k}: {v}" for k, v in sorted(r.rounds.items())) + (f"  ({'; '.join(r.problems)})"
                                                                                  if r.problems else ""))
     solo = next((r for r in results if r.run == "solo"), None)
-    if solo is not None:
-        print(f"eval loss of the idle swarm / one peer, at equal samples ({base.samples} / {solo.samples}): "
-              f"{base.eval_loss / solo.eval_loss:.3f}")
+    if solo is not None and base.losses and solo.losses:  # peer 1's eval batches in both: the same loss
+        print(f"eval loss of the idle swarm / peer 1 alone, at equal samples ({base.samples} / {solo.samples}), on "
+              f"peer 1's eval batches: {base.losses[0]:.4f} / {solo.losses[0]:.4f} = "
+              f"{base.losses[0] / solo.losses[0]:.3f}")
     for r in results:
         print(f"spread by swarm step ({r.run}): " + " ".join(f"{s}:{w:.2f}" for s, w in r.spread.items()))
 

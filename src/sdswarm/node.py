@@ -397,7 +397,8 @@ def watch_health(config: Config, dht: hivemind.DHT, trainer: Trainer, cleanup: c
                       bytes_per_value=check_compression(compression_name(config.swarm))[0])
     health = SwarmHealth(trainer.optimizer, rounds, WeightFingerprint(trainer.trainable, seed=config.seed),
                          peer_fingerprints=partial(read_fingerprints, dht, config.swarm.run_id),
-                         resync_after_failed_round=config.swarm.after_failed_round == "resync").attach()
+                         resync_after_failed_round=config.swarm.after_failed_round == "resync",
+                         last_swarm_step=config.train.max_swarm_steps).attach()
     cleanup.callback(health.detach)
     return health
 

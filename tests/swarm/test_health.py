@@ -79,12 +79,14 @@ class FinishedRound:
     (3, True, 2, 0.0, True, 0),  # a partial group: its members agree; parameter rounds bring the groups together
     (1, False, 0, 0.0, True, 0),  # alone in the swarm: its own step is the swarm's
     (3, False, 0, 0.0, False, 0),  # swarm.after_failed_round: local (hivemind's way)
+    (3, False, 0, 0.0, "last", 0),  # the swarm's last step (train.max_swarm_steps): its final round merges it
 ])
 def test_a_failed_gradient_round_is_repaired_by_loading_the_swarms_state(tmp_path, caplog, peers, began, group,
                                                                         missing, policy, loads):
     optimizer = FakeOptimizer(peers, missing)
     rounds = RoundLog(tmp_path / "metrics.jsonl", values=64, bytes_per_value=4.0)
-    health = SwarmHealth(optimizer, rounds, None, resync_after_failed_round=policy)
+    health = SwarmHealth(optimizer, rounds, None, resync_after_failed_round=bool(policy),
+                         last_swarm_step=optimizer.local_epoch if policy == "last" else None)
     with caplog.at_level(logging.INFO):
         if health._wrap_begin(lambda *args: began)(None):
             health._wrap_average(lambda control: None)(FinishedRound(group))

@@ -194,10 +194,11 @@ class SwarmHealth:
     def __init__(self, optimizer: hivemind.Optimizer | DiLoCoOptimizer, rounds: RoundLog,
                  fingerprint: WeightFingerprint | None,
                  peer_fingerprints: Callable[[], dict[str, list[FingerprintEntry]]] | None = None, *,
-                 resync_after_failed_round: bool = True) -> None:
+                 resync_after_failed_round: bool = True, last_swarm_step: int | None = None) -> None:
         self.optimizer, self.rounds, self.fingerprint = optimizer, rounds, fingerprint
         self.peer_fingerprints = peer_fingerprints
         self.resync_after_failed_round = resync_after_failed_round
+        self.last_swarm_step = last_swarm_step  # train.max_swarm_steps: there, final_round merges the peers
         self._resync_why: str | None = None  # set by this swarm step's gradient round, done after the step
         self.fingerprints: deque[FingerprintEntry] = deque(maxlen=FINGERPRINT_HISTORY)
         self.grad_norm: float | None = None
@@ -317,7 +318,12 @@ class SwarmHealth:
         self.grad_norm = getattr(inner, "last_grad_norm", None)  # DiLoCo: of its last local step
         if self._resync_why is not None:
             why, self._resync_why = self._resync_why, None
-            self.resync(f"{why}: loading the swarm's state instead of keeping this peer's own step")
+            if self.last_swarm_step is not None and self.optimizer.local_epoch >= self.last_swarm_step:
+                # the others may already be averaging their last weights with this peer's: a download now could
+                # take a state from before that round
+                log.warning("swarm step %d: %s; the swarm's last round merges it", self.optimizer.local_epoch, why)
+            else:
+                self.resync(f"{why}: loading the swarm's state instead of keeping this peer's own step")
         if self.fingerprint is None:
             return
         values = self.fingerprint()
