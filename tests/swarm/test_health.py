@@ -19,7 +19,7 @@ from sdswarm.config import SwarmConfig
 from sdswarm.swarm.health import FingerprintEntry, RoundLog, SwarmHealth, WeightFingerprint, round_bytes, spread
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer, withdraw_progress
-from sdswarm.swarm.telemetry import wait_for_stragglers
+from sdswarm.swarm.telemetry import wait_for_progress_from, wait_for_stragglers
 from sdswarm.swarm.validation import Refusal
 
 
@@ -227,5 +227,33 @@ def test_the_last_swarm_step_waits_for_peers_still_finishing_it():
         stop = threading.Event()
         stop.set()
         assert wait_for_stragglers(optimizer, timeout=30, stop=stop) == 1
+    finally:
+        stop_dht(dht)
+
+
+def test_the_start_up_barrier_waits_until_every_peer_has_trained_a_first_step():
+    """A slow peer (a mother serving its relay) must not find the others' first swarm step made without it."""
+    dht = hivemind.DHT(start=True)
+    try:
+        key = "run_progress"
+        progress = SimpleNamespace(num_peers=3, next_fetch_time=1e12)
+        tracker = SimpleNamespace(training_progress_key=key, global_progress=progress,
+                                  global_state_updated=threading.Event())
+        optimizer = SimpleNamespace(tracker=tracker, dht=dht, local_epoch=0)
+        slow = PeerID.from_base58("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").to_bytes()
+
+        def report(peer: bytes, samples: int) -> None:
+            record = {"peer_id": peer, "epoch": 0, "samples_accumulated": samples, "samples_per_second": 1.0,
+                      "time": get_dht_time(), "client_mode": False}
+            dht.store(key, subkey=peer, value=record, expiration_time=get_dht_time() + 60)
+
+        report(dht.peer_id.to_bytes(), 4)
+        report(slow, 0)  # up, counted by hivemind's tracker, but still in its first step
+        assert wait_for_progress_from(optimizer, count=2, timeout=1.5) == 1  # bounded: trains anyway
+        assert progress.next_fetch_time == 0.0 and tracker.global_state_updated.is_set()  # its tracker looks now
+        threading.Timer(1.0, report, (slow, 4)).start()
+        began = time.monotonic()
+        assert wait_for_progress_from(optimizer, count=2, timeout=30) == 2
+        assert 0.5 < time.monotonic() - began < 20
     finally:
         stop_dht(dht)

@@ -230,19 +230,39 @@ def wait_for_peers(dht: hivemind.DHT, run_id: str, owner: bytes, count: int, tim
 
 
 def wait_for_progress_from(optimizer: hivemind.Optimizer, count: int, timeout: float) -> int:
-    """Second half of the start-up barrier, after this peer's first local step.
+    """Second half of the start-up barrier, after this peer's first local step: wait until `count` peers (this one
+    included) have reported the samples of a first step, and this peer's tracker counts them.
 
     hivemind's progress tracker hears of a peer only once it has reported samples, and looks again only every
     few seconds. Without this wait a fast peer can reach the target batch on its own samples before it sees the
-    others, and its first swarm step is a local step that the others never share. Returns the peers seen."""
-    tracker, deadline = optimizer.tracker, get_dht_time() + timeout
-    while (seen := tracker.global_progress.num_peers) < count and optimizer.local_epoch == 0:
+    others, and its first swarm step is a local step that the others never share; and a slow peer (a mother that
+    also serves its relay) whose tracker looks late finds the others' first swarm step made without it, and trails
+    them by one from then on. Returns the peers seen."""
+    tracker, deadline, me = optimizer.tracker, get_dht_time() + timeout, str(optimizer.dht.peer_id)
+    seen = 1
+    while optimizer.local_epoch == 0:
+        try:
+            started = {peer for _, entry in _entries(optimizer.dht, tracker.training_progress_key)
+                       if isinstance(entry, dict) and (peer := _progress_peer(entry)) is not None
+                       and (_positive(entry.get("samples_accumulated")) or _positive(entry.get("epoch")))}
+            seen = len(started | {me})
+        except Exception as exc:  # the DHT is having trouble: the tracker's count alone
+            log.debug("could not read the swarm's progress: %s", exc)
+            seen = tracker.global_progress.num_peers
+        if seen >= count and tracker.global_progress.num_peers >= count:
+            break
         if get_dht_time() >= deadline:
-            log.warning("start-up barrier: hivemind sees %d of %d peers after %.0f s; training anyway",
+            log.warning("start-up barrier: %d of %d peers have trained a first step after %.0f s; training anyway",
                         seen, count, timeout)
             break
-        threading.Event().wait(0.2)
+        tracker.global_progress.next_fetch_time = 0.0  # look now, not at hivemind's next refresh
+        tracker.global_state_updated.set()
+        threading.Event().wait(0.5)
     return seen
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def progress_epochs(optimizer: hivemind.Optimizer) -> dict[str, int]:
