@@ -73,7 +73,7 @@ from sdswarm.swarm.telemetry import (
     GONE_AFTER,
     PeerMetrics,
     Publisher,
-    progress_epochs,
+    progress_records,
     read_fingerprints,
     read_peers,
     read_swarm,
@@ -476,11 +476,11 @@ def end_together(optimizer: SwarmOptimizer, health: SwarmHealth, stop: threading
 
     def peers_here() -> int:  # at this last step, this peer included (a peer that trains on is not waited for)
         try:
-            epochs = progress_epochs(optimizer)
+            records = progress_records(optimizer)
         except Exception as exc:  # the DHT is having trouble: end without the last round
             log.warning("could not read the swarm's progress for the last round: %s", exc)
             return 1
-        here = {peer for peer, epoch in epochs.items() if epoch == optimizer.local_epoch}
+        here = {peer for peer, record in records.items() if record["epoch"] == optimizer.local_epoch}
         return len(here | {str(optimizer.dht.peer_id)})
 
     health.final_round(peers_here, timeout, stop)

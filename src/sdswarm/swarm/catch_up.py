@@ -225,10 +225,6 @@ class PackedTensors(Sequence[torch.Tensor]):
             return PackedTensors(self.messages[index])
         return deserialize_torch_tensor(runtime_pb2.Tensor.FromString(self.messages[index]))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(message) for message in self.messages)
-
 
 class CheckedStateAverager(GatedRPCs, CheckedAveraging, TrainingStateAverager, CheckedDownloads):
     """hivemind's training state averager: its rounds checked (swarm/validation.py), its downloads checked here."""

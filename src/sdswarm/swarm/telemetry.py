@@ -242,9 +242,8 @@ def wait_for_progress_from(optimizer: hivemind.Optimizer, count: int, timeout: f
     seen = 1
     while optimizer.local_epoch == 0:
         try:
-            started = {peer for _, entry in _entries(optimizer.dht, tracker.training_progress_key)
-                       if isinstance(entry, dict) and (peer := _progress_peer(entry)) is not None
-                       and (_positive(entry.get("samples_accumulated")) or _positive(entry.get("epoch")))}
+            started = {peer for peer, record in progress_records(optimizer).items()
+                       if _positive(record.get("samples_accumulated")) or _positive(record.get("epoch"))}
             seen = len(started | {me})
         except Exception as exc:  # the DHT is having trouble: the tracker's count alone
             log.debug("could not read the swarm's progress: %s", exc)
@@ -265,15 +264,12 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def progress_epochs(optimizer: hivemind.Optimizer) -> dict[str, int]:
-    """The swarm step of each peer with a hivemind progress record (this one included); a departed peer's tracker
-    removes its record, a killed one's expires."""
-    epochs = {}
-    for _, entry in _entries(optimizer.dht, optimizer.tracker.training_progress_key):
-        peer = _progress_peer(entry) if isinstance(entry, dict) else None
-        if peer is not None and isinstance(entry.get("epoch"), int):
-            epochs[peer] = entry["epoch"]
-    return epochs
+def progress_records(optimizer: hivemind.Optimizer) -> dict[str, dict]:
+    """hivemind's progress record of each peer (this one included), by peer id, those with a swarm step only; a
+    departed peer's tracker removes its record, a killed one's expires."""
+    return {peer: entry for _, entry in _entries(optimizer.dht, optimizer.tracker.training_progress_key)
+            if isinstance(entry, dict) and (peer := _progress_peer(entry)) is not None
+            and isinstance(entry.get("epoch"), int)}
 
 
 def wait_for_stragglers(optimizer: hivemind.Optimizer, timeout: float, stop: threading.Event) -> int:
@@ -285,8 +281,8 @@ def wait_for_stragglers(optimizer: hivemind.Optimizer, timeout: float, stop: thr
     deadline, said = time.monotonic() + timeout, False
     while True:
         try:
-            behind = {peer for peer, epoch in progress_epochs(optimizer).items()
-                      if peer != me and epoch < optimizer.local_epoch}
+            behind = {peer for peer, record in progress_records(optimizer).items()
+                      if peer != me and record["epoch"] < optimizer.local_epoch}
         except Exception as exc:  # the DHT is having trouble: nobody to wait for that we could see
             log.debug("could not read the swarm's progress: %s", exc)
             return 0
