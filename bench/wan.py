@@ -15,8 +15,9 @@ each run: swarm steps done, averaging rounds by kind and outcome, the spread bet
 samples trained per swarm step / target, and the final fixed-seed eval loss (mean over the peers) against the idle
 run. Timings on a shared machine are noisy: compare within one invocation.
 
-A swarm step overshoots its target by about the samples the peers train while hivemind's trackers notice that the
-target was reached (about half a second): at --target 32 that is a large fraction, at the how-to's 75,000 none.
+A swarm step overshoots its target by the samples the peers train between the target being reached and their
+trackers stepping on it (their estimate of when it will be, refreshed from the DHT in the last second): at --target
+32 (about half a second of the swarm's training) that is a large fraction, at the how-to's 75,000 none.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 import logging
+import multiprocessing
 import sys
 
-from sdswarm.logs import FILE_FORMAT, TerminalFilter, TerminalFormatter
+from sdswarm.logs import FILE_FORMAT, TerminalFilter, TerminalFormatter, set_stopping
 
 
 def _record(name: str, level: int, msg: str, exc: BaseException | None = None) -> logging.LogRecord:
@@ -36,3 +37,30 @@ def test_the_terminal_shows_hivemind_warnings_but_not_its_chatter():
     assert not quiet.filter(_record("hivemind.optim", logging.INFO, "accumulated 8 samples for epoch #3"))
     assert not quiet.filter(_record("asyncio", logging.ERROR, "Task was destroyed but it is pending!"))
     assert TerminalFilter(verbose=True).filter(_record("hivemind.optim", logging.INFO, "accumulated 8 samples"))
+
+
+def test_once_the_node_stops_library_errors_leave_the_terminal_in_every_process(tmp_path):
+    """hivemind's DHT process logs a closed pipe as an ERROR while the node shuts it down: node.log only."""
+    closed_pipe = _record("hivemind.dht.dht", logging.ERROR, "[Errno 2] No such file or directory", FileNotFoundError())
+    ours = _record("sdswarm.node", logging.WARNING, "ending without a last round")
+    terminal = TerminalFilter(verbose=False)
+    assert terminal.filter(closed_pipe)
+    fork = multiprocessing.get_context("fork")
+    stop_begun, seen = fork.Event(), tmp_path / "seen"
+
+    def forked_before_the_stop() -> None:  # as hivemind's DHT: forked at start, logging while the node stops
+        stop_begun.wait(30)
+        seen.write_text(str(terminal.filter(closed_pipe)))
+
+    child = fork.Process(target=forked_before_the_stop)
+    child.start()
+    set_stopping(True)
+    try:
+        stop_begun.set()
+        assert not terminal.filter(closed_pipe) and terminal.filter(ours)
+        assert TerminalFilter(verbose=True).filter(closed_pipe)
+        child.join(30)
+        assert seen.read_text() == "False"
+    finally:
+        set_stopping(False)
+    assert terminal.filter(closed_pipe)

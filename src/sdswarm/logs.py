@@ -7,7 +7,9 @@ step) and every warning show. The file gets all of it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -21,10 +23,14 @@ TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SHUTDOWN_NOISE = ("Task was destroyed but it is pending", "Task exception was never retrieved")
 # libraries whose tracebacks (a cancelled DHT coroutine, a closed daemon socket) belong in node.log, not the terminal
 LIBRARY_LOGGERS = ("hivemind", "asyncio")
+# Set while the node stops its processes; in shared memory, so the forked DHT and averagers see it too (their errors
+# about a pipe the parent closed are the ones that show).
+_stopping = multiprocessing.RawValue(ctypes.c_bool, False)
 
 
 class TerminalFilter(logging.Filter):
-    """What reaches the terminal: not hivemind's chatter (below WARNING) unless verbose; never shutdown noise."""
+    """What reaches the terminal: not hivemind's chatter (below WARNING) unless verbose; never shutdown noise, nor,
+    once the node has begun its orderly stop, the libraries' errors about pipes and sockets closing under them."""
 
     def __init__(self, verbose: bool) -> None:
         super().__init__()
@@ -32,6 +38,8 @@ class TerminalFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "asyncio" and record.getMessage().startswith(SHUTDOWN_NOISE):
+            return False
+        if _stopping.value and not self.verbose and record.name.startswith(LIBRARY_LOGGERS):
             return False
         return self.verbose or record.levelno >= logging.WARNING or not record.name.startswith("hivemind")
 
@@ -64,6 +72,12 @@ class TerminalHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def _not_about_torchvision(record: logging.LogRecord) -> bool:
+    """transformers 5 warns, when diffusers imports it, that CLIP's image processor falls back to PIL without
+    torchvision: no part of a Stable Diffusion training uses one."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def setup_logging(*, verbose: bool = False) -> None:
     """The terminal handler; hivemind's records go through the root logger, not through its own handler."""
     use_hivemind_log_handler("nowhere")
@@ -73,6 +87,12 @@ def setup_logging(*, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers = [terminal]
     root.setLevel(logging.INFO)
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_about_torchvision)
+
+
+def set_stopping(stopping: bool) -> None:
+    """Whether the node is stopping its processes: then the libraries' lines go to node.log only."""
+    _stopping.value = stopping
 
 
 def attach_log_file(output_dir: Path) -> logging.Handler:

@@ -35,7 +35,7 @@ from sdswarm.data.demo import BUILTIN_DEMO
 from sdswarm.data.index_share import index_routes
 from sdswarm.data.loader import Batch, BatchStream, CaptionShuffle
 from sdswarm.data.shards import choose_slot
-from sdswarm.logs import attach_log_file, detach_log_file
+from sdswarm.logs import attach_log_file, detach_log_file, set_stopping
 from sdswarm.model.attention import set_attention
 from sdswarm.model.ema import EMA
 from sdswarm.model.loading import SDComponents, check_model, default_cache_dir, load_components
@@ -275,6 +275,7 @@ def run_node(
     with contextlib.ExitStack() as cleanup, stop_on_signals(stop_training, quit_node):
         # before any fork: the children log there too
         cleanup.callback(detach_log_file, attach_log_file(config.output.dir))
+        cleanup.callback(set_stopping, False)  # the next node in this process shows its libraries' warnings again
         cleanup.callback(reap_children)  # runs last: whatever the orderly shutdown left behind
         # started first: the peer's identity seeds its data order and noise
         dht_options = dict(host_maddrs=settings.dht_host_maddrs(), announce_maddrs=settings.dht_announce_maddrs(),
@@ -313,6 +314,7 @@ def run_node(
                         role="mother" if role == "mother" else settings.mode, cleanup=cleanup,
                         state=lambda: controls.state, health=health, remember_in=config.output.dir)
 
+        cleanup.callback(set_stopping, True)  # registered last, so it runs first
         joined = join_swarm(trainer.optimizer, dht, config.swarm, admission.owner)
         if trainer.lora_base is not None:  # again: the peers that started with this one have published by now
             check_peer_bases(dht, config.swarm.run_id, peer_id, trainer.lora_base)
@@ -609,7 +611,7 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
 
 
 def demo_dir() -> Path:
-    return default_cache_dir() / "demo-v1"
+    return default_cache_dir() / "demo-v2"
 
 
 def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None, data_slot: int | None,

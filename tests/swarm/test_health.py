@@ -13,9 +13,11 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
+from hivemind.utils.performance_ema import PerformanceEMA
 
 from sdswarm.cli import status_lines
 from sdswarm.config import SwarmConfig
+from sdswarm.swarm.catch_up import UNMEASURED_REFRESH_PERIOD
 from sdswarm.swarm.health import FingerprintEntry, RoundLog, SwarmHealth, WeightFingerprint, round_bytes, spread
 from sdswarm.swarm.network import stop_dht
 from sdswarm.swarm.optimizer import make_optimizer, withdraw_progress
@@ -238,7 +240,8 @@ def test_the_start_up_barrier_waits_until_every_peer_has_trained_a_first_step():
         key = "run_progress"
         progress = SimpleNamespace(num_peers=3, next_fetch_time=1e12)
         tracker = SimpleNamespace(training_progress_key=key, global_progress=progress,
-                                  global_state_updated=threading.Event())
+                                  global_state_updated=threading.Event(), performance_ema=PerformanceEMA())
+        tracker.performance_ema.update(4, interval=20.0)  # its first batch, timed across the first half's wait
         optimizer = SimpleNamespace(tracker=tracker, dht=dht, local_epoch=0)
         slow = PeerID.from_base58("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N").to_bytes()
 
@@ -250,7 +253,12 @@ def test_the_start_up_barrier_waits_until_every_peer_has_trained_a_first_step():
         report(dht.peer_id.to_bytes(), 4)
         report(slow, 0)  # up, counted by hivemind's tracker, but still in its first step
         assert wait_for_progress_from(optimizer, count=2, timeout=1.5) == 1  # bounded: trains anyway
-        assert progress.next_fetch_time == 0.0 and tracker.global_state_updated.is_set()  # its tracker looks now
+        # its tracker looks again within UNMEASURED_REFRESH_PERIOD, and measures this peer's speed from the next batch
+        # on, not 0.2 samples/s from a batch timed across the wait
+        assert progress.next_fetch_time <= get_dht_time() + UNMEASURED_REFRESH_PERIOD
+        assert tracker.global_state_updated.is_set() and tracker.performance_ema.num_updates == 0
+        tracker.performance_ema.update(4, interval=0.1)
+        assert tracker.performance_ema.samples_per_second == pytest.approx(40)
         threading.Timer(1.0, report, (slow, 4)).start()
         began = time.monotonic()
         assert wait_for_progress_from(optimizer, count=2, timeout=30) == 2

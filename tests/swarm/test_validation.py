@@ -15,7 +15,13 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from sdswarm.swarm.catch_up import MAX_STATE_CHANGE, PackedTensors, TrustedProgressTracker, state_problem
+from sdswarm.swarm.catch_up import (
+    MAX_STATE_CHANGE,
+    UNMEASURED_REFRESH_PERIOD,
+    PackedTensors,
+    TrustedProgressTracker,
+    state_problem,
+)
 from sdswarm.swarm.optimizer import state_compression
 from sdswarm.swarm.validation import CLIP_RATIO, CheckedAveraging, CheckedPartReducer, Quarantine, robust_mean
 
@@ -232,6 +238,27 @@ def test_the_tracker_hears_the_next_swarm_step_but_not_a_jump_to_1000(dht):
     assert set(tracker.plausible({b"honest": record(2, name=b"honest")})) == {b"honest"}  # one more step
     tracker.distrust(PeerID(b"honest"))  # a donor whose state was refused: its progress is not heard again
     assert tracker.plausible({b"honest": record(2, name=b"honest")}) == {}
+
+
+def test_samples_trained_while_the_tracker_reads_the_dht_still_count_toward_the_target(dht):
+    """The read returns this peer's record as it was when the read began (seconds earlier on a busy machine)."""
+    tracker = TrustedProgressTracker(dht=dht, prefix="trust-own", target_batch_size=32, start=False)
+    tracker.report_local_progress(0, 16)  # trained during the read
+    stale = LocalTrainingProgress(peer_id=dht.peer_id.to_bytes(), epoch=0, samples_accumulated=0,
+                                  samples_per_second=1.0, time=get_dht_time() - 2, client_mode=False)
+    view = {tracker._local_public_key: ValueWithExpiration(stale.dict(), get_dht_time() + 60),
+            b"other": record(0, samples=8, name=b"other")}
+    progress = tracker._parse_swarm_progress_data(view)
+    assert progress.samples_accumulated == 16 + 8 and progress.num_peers == 2
+
+
+def test_a_tracker_that_has_not_measured_its_speed_looks_again_soon(dht):
+    """At start and after the start-up barrier: an estimate built on no speed says the target is minutes away."""
+    tracker = TrustedProgressTracker(dht=dht, prefix="trust-speed", target_batch_size=1000, start=False)
+    view = {b"other": record(0, samples=4, rate=0.2, name=b"other")}
+    assert tracker._parse_swarm_progress_data(view).next_fetch_time <= get_dht_time() + UNMEASURED_REFRESH_PERIOD
+    tracker.performance_ema.update(4, interval=0.1)  # its first batch, at 40 samples/s: the target is 25 s away
+    assert tracker._parse_swarm_progress_data(view).next_fetch_time > get_dht_time() + UNMEASURED_REFRESH_PERIOD
 
 
 def test_a_joiner_adopts_the_swarms_step_unless_only_a_minority_claims_it(dht):

@@ -164,7 +164,7 @@ def test_resume_fetches_nothing_already_cached_and_continues_in_the_same_round(t
         hits_before = bucket.hits.copy()
 
         caplog.clear()
-        with caplog.at_level(logging.INFO):
+        with caplog.at_level(logging.DEBUG):  # a round served from the cache is logged at DEBUG
             summary = run_mother(load_config(ROOT / "configs" / "tiny.yaml", {**overrides, "train.max_steps": 10}),
                                  settings=LOOPBACK, resume=True)
         assert summary.progress.step == 10

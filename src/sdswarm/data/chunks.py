@@ -229,12 +229,14 @@ class ChunkSource:
         after = self.stats()
         discarded = {r: n - before.discarded.get(r, 0) for r, n in after.discarded.items()
                      if n > before.discarded.get(r, 0)}
-        log.info("round %d (slot %d): %d of %d posts ready (%d fetched, %d cached, %d skipped as rejected before) "
-                 "in %.1f s; discarded: %s; %.1f MB fetched; cache %d pairs, %.1f MB", round_index, self.slot,
-                 len(pairs), drawn, after.pairs_fetched - before.pairs_fetched, cached,
-                 after.skipped_rejected - before.skipped_rejected,
-                 time.perf_counter() - start, discarded or "none",
-                 (after.bytes_fetched - before.bytes_fetched) / 1e6, after.cache_pairs, after.cache_bytes / 1e6)
+        fetched = after.pairs_fetched - before.pairs_fetched
+        # A round served from the cache is routine (every second or two on the demo): DEBUG, not shown.
+        level = logging.INFO if fetched or discarded or len(pairs) < drawn else logging.DEBUG
+        log.log(level, "round %d (slot %d): %d of %d posts ready (%d fetched, %d cached, %d skipped as rejected "
+                "before) in %.1f s; discarded: %s; %.1f MB fetched; cache %d pairs, %.1f MB", round_index, self.slot,
+                len(pairs), drawn, fetched, cached, after.skipped_rejected - before.skipped_rejected,
+                time.perf_counter() - start, discarded or "none", (after.bytes_fetched - before.bytes_fetched) / 1e6,
+                after.cache_pairs, after.cache_bytes / 1e6)
         if after.rejected_posts:
             log.info("rejected posts: %d remembered in %s, never fetched again; newest: %s", after.rejected_posts,
                      self.rejects.path, ", ".join(after.last_rejected))

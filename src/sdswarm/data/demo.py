@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from sdswarm.atomic import write_atomic
 
 BUILTIN_DEMO = "builtin:demo"  # data.source naming this data set
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = ".manifest.json"  # hidden, so indexing does not see it as an orphan .json
 INDEX = "index.db"  # beside the files: the mother serves both, so a joiner needs nothing else
 
@@ -50,6 +50,10 @@ SIZES: tuple[tuple[tuple[int, int], int], ...] = (
 )
 HIGHRES_SIDE = 128  # demo convention for the "highres" meta tag
 STAR_INNER = 0.4  # inner/outer radius of the star; thin enough to tell apart from a triangle
+# Shares of posts with two shapes / a two-tone background: enough to tag and bucket them, few enough that a
+# model trained for minutes learns what most posts (and the demo's prompts) are, one shape on one colour.
+TWO_SHAPES = 0.1
+TWO_TONE = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,10 @@ def plan_post(post_id: int, seed: int) -> PostSpec:
     rng = random.Random(f"sdswarm-demo:{seed}:{post_id}")  # str seeds hash with sha512: stable everywhere
     sizes, weights = zip(*SIZES, strict=True)
     width, height = rng.choices(sizes, weights)[0]
-    n_shapes = 2 if rng.random() < 0.3 else 1
+    n_shapes = 2 if rng.random() < TWO_SHAPES else 1
     shape_colours = rng.sample(list(COLOURS), n_shapes) if n_shapes == 2 else [rng.choice(list(COLOURS))]
     free = [c for c in COLOURS if c not in shape_colours]
-    background = tuple(rng.sample(free, 2)) if rng.random() < 0.25 else (rng.choice(free),)
+    background = tuple(rng.sample(free, 2)) if rng.random() < TWO_TONE else (rng.choice(free),)
     split = rng.choice(("vertical", "horizontal"))
     # Two shapes get one half each, cut across the long side, so they never overlap.
     if n_shapes == 1:

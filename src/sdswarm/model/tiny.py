@@ -18,7 +18,7 @@ from sdswarm.data.demo import plan_post, render
 from sdswarm.data.loader import to_tensor
 
 # Bump the suffix whenever the tiny recipe changes, so stale caches are not reused.
-TINY_MODEL_DIRNAME = "tiny-sd-v3"
+TINY_MODEL_DIRNAME = "tiny-sd-v4"
 TOKENIZER_ASSETS = Path(__file__).resolve().parent / "tiny_tokenizer"
 
 # The tiny VAE is trained at build time on demo-like images, so samples decode to pictures, not noise.

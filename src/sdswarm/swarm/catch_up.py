@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 
 EPOCH_SLACK = 4.0  # the swarm may train this many times faster than this peer's speed x the number of peers
 MAX_STATE_CHANGE = 2.0  # a downloaded state's weights: at most this far from this peer's, relative to their norm
+# hivemind looks at the swarm's progress again after half its estimate of the time left, but not sooner than 0.5 s:
+# in the last second before a swarm step its estimate (what peers step on) could be 0.5 s old. A few more small DHT
+# reads per swarm step, in that last second only.
+MIN_REFRESH_PERIOD = 0.1
+# and while this peer has no measured speed (at start, after the start-up barrier), this often at least, not at
+# the 10 s an estimate built on no speed gives
+UNMEASURED_REFRESH_PERIOD = 0.5
 
 
 def peer_text(peer_id: bytes | PeerID) -> str:
@@ -62,6 +69,7 @@ class TrustedProgressTracker(ProgressTracker):
         self.trusted_since = 0.0
         self.distrusted: set[bytes] = set()  # peers whose state was refused: their progress is not heard
         self.ignored: dict[bytes, int] = {}  # peer -> the step last ignored (logged once per step)
+        kwargs.setdefault("min_refresh_period", MIN_REFRESH_PERIOD)
         super().__init__(*args, **kwargs)
 
     def distrust(self, peer_id: PeerID) -> None:
@@ -69,10 +77,23 @@ class TrustedProgressTracker(ProgressTracker):
 
     def _parse_swarm_progress_data(self, metadata: Any):
         if isinstance(metadata, dict) and metadata:
-            metadata = self.plausible(metadata)
+            metadata = self.with_own_progress(self.plausible(metadata))
         elif self.trusted_epoch is None:  # nobody else at start: this peer's own step is the swarm's
             self.trusted_epoch, self.trusted_since = self.local_progress.epoch, get_dht_time()
-        return super()._parse_swarm_progress_data(metadata)
+        progress = super()._parse_swarm_progress_data(metadata)
+        if self.performance_ema.num_updates == 0:  # no speed measured yet: an estimate of the time left means nothing
+            progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + UNMEASURED_REFRESH_PERIOD)
+        return progress
+
+    def with_own_progress(self, metadata: dict) -> dict:
+        """This peer's own record as it is now, not the DHT's copy. A read takes from milliseconds to seconds on a
+        busy machine, and hivemind replaces its count with what the read returned: the samples this peer trained
+        meanwhile dropped out of the count (measured: 16 of a 32-sample target), and the swarm trained past it."""
+        own = metadata.get(self._local_public_key)
+        if own is None:
+            return metadata
+        expiration = own.expiration_time if isinstance(own, ValueWithExpiration) else get_dht_time() + 60
+        return {**metadata, self._local_public_key: ValueWithExpiration(self.local_progress.dict(), expiration)}
 
     def plausible(self, metadata: dict) -> dict:
         """The progress records whose swarm step this peer can believe (see the module's docstring)."""
@@ -110,6 +131,20 @@ class TrustedProgressTracker(ProgressTracker):
         if heard and max(heard) > self.trusted_epoch:
             self.trusted_epoch, self.trusted_since = max(heard), now
         return kept
+
+
+def forget_throughput(tracker: ProgressTracker) -> None:
+    """Start the tracker's samples-per-second estimate afresh at the next batch, and look at the swarm's progress
+    again soon. hivemind's estimate is an average over intervals between batches, and one interval that held a wait
+    (the start-up barrier, a pause from the UI) keeps it far too low for dozens of batches: the tracker then expects
+    the target minutes later, looks only every 10 s, and trains on alone past it (measured: 2.8x the target at the
+    first swarm step)."""
+    ema = tracker.performance_ema
+    ema.samples_per_second, ema.ema_seconds_per_sample, ema.num_updates = ema.eps, 0.0, 0
+    ema.reset_timer()
+    progress = tracker.global_progress
+    progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + UNMEASURED_REFRESH_PERIOD)
+    tracker.global_state_updated.set()  # its fetcher waits until the time it had set: wake it to wait until this one
 
 
 # the longest wait for the next part of a state download: a donor compresses each tensor as it sends it (SD 1.5's

@@ -91,7 +91,9 @@ class RoundLog:
         entry = Round(kind=kind, swarm_step=swarm_step, group_size=group_size, swarm_peers=swarm_peers,
                       outcome=outcome, bytes_sent=size, bytes_received=size, duration=max(duration, 0.0),
                       time=time.time(), refused=dict(refused.most_common(64)), missing=min(missing, 1.0))
-        level = logging.WARNING if outcome in ("failed", "partial") or refused else logging.INFO
+        # Alone, a round is a no-op every step: recorded, not shown.
+        level = logging.WARNING if outcome in ("failed", "partial") or refused else (
+            logging.DEBUG if outcome == "alone" else logging.INFO)
         log.log(level, "averaging %s, swarm step %d: %s, %d of %d peers, %.1f s, %s each way%s%s", kind, swarm_step,
                 outcome, group_size, swarm_peers, entry.duration, _megabytes(size),
                 f"; {entry.missing:.0%} of the values came back without an average" if entry.missing else "",

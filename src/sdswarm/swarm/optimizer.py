@@ -29,7 +29,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from sdswarm.config import SwarmConfig
 from sdswarm.swarm.admission import Gate
-from sdswarm.swarm.catch_up import GuardedOptimizer
+from sdswarm.swarm.catch_up import GuardedOptimizer, forget_throughput
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
 from sdswarm.swarm.host_memory import share_before_fork
@@ -345,6 +345,5 @@ def withdraw_progress(optimizer: SwarmOptimizer) -> None:
     tracker = optimizer.tracker
     if getattr(optimizer, "grad_averager", None) is not None:
         optimizer.grad_averager.reset_accumulated_grads_()
-    ema = tracker.performance_ema
-    ema.samples_per_second, ema.ema_seconds_per_sample, ema.num_updates = ema.eps, 0.0, 0
+    forget_throughput(tracker)
     tracker.report_local_progress(optimizer.local_epoch, samples_accumulated=0)

@@ -18,6 +18,7 @@ from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, Field, ValidationError
 from pydantic import v1 as pydantic_v1
 
+from sdswarm.swarm.catch_up import forget_throughput
 from sdswarm.swarm.health import FINGERPRINT_HISTORY, RECENT_ROUNDS, FingerprintEntry, Round, spread
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def wait_for_progress_from(optimizer: hivemind.Optimizer, count: int, timeout: f
         tracker.global_progress.next_fetch_time = 0.0  # look now, not at hivemind's next refresh
         tracker.global_state_updated.set()
         threading.Event().wait(0.5)
+    forget_throughput(tracker)  # the wait is not this peer's speed
     return seen
 
 
