@@ -9,7 +9,7 @@ import pytest
 from sdswarm.config import DataConfig
 from sdswarm.data.bucket import Bucket, FetchSettings, bucket_routes
 from sdswarm.data.chunks import CaptionSettings, ChunkSource, open_chunks
-from sdswarm.data.demo import make_demo_dataset
+from sdswarm.data.demo import DEMO_POSTS, make_demo_dataset
 from sdswarm.data.index import Index, build_from_dump, build_from_folder
 from sdswarm.data.rejects import RejectedPosts
 from sdswarm.data.shards import ShardPlan
@@ -240,9 +240,9 @@ def test_builtin_demo_is_an_indexed_bucket(tmp_path: Path) -> None:
     b = open_chunks(data_config(shards=4, images_per_chunk=1000), peer_id="b", peers=["a", "b"],
                     **{**kwargs, "workdir": tmp_path / "work-b"})
     try:
-        assert len(a.index) == 240 and (tmp_path / "demo" / "index.db").is_file()
+        assert len(a.index) == DEMO_POSTS and (tmp_path / "demo" / "index.db").is_file()
         pa, pb = a.pairs(0), b.pairs(0)
-        assert len(pa) == len(pb) == 60 and {p.image.stem for p in pa}.isdisjoint(p.image.stem for p in pb)
+        assert len(pa) == len(pb) == DEMO_POSTS // 4 and {p.image.stem for p in pa}.isdisjoint(p.image.stem for p in pb)
         assert a.stats().discarded == {}
         md5 = json.loads((tmp_path / "demo" / f"{pa[0].image.stem}.json").read_text())["md5"]
         assert hashlib.md5(pa[0].image.read_bytes()).hexdigest() == md5
@@ -279,9 +279,9 @@ def test_a_joiner_fetches_the_demo_over_http_from_its_relay(tmp_path: Path) -> N
     chunks = open_chunks(data_config(shards=4, images_per_chunk=1000), peer_id="joiner",
                          demo_mirror=f"http://127.0.0.1:{port}{DATA_PATH}", **kwargs)
     try:
-        assert len(chunks.pairs(0)) == 60
+        assert len(chunks.pairs(0)) == DEMO_POSTS // 4
         stats = chunks.stats()
-        assert stats.pairs_fetched == 60 and stats.bytes_fetched > 0 and stats.discarded == {}
+        assert stats.pairs_fetched == DEMO_POSTS // 4 and stats.bytes_fetched > 0 and stats.discarded == {}
         assert chunks.bucket.remote
     finally:
         chunks.close()

@@ -15,7 +15,14 @@ from sdswarm.data.aspect import AspectBucket, resize_to_aspect_bucket
 from sdswarm.data.demo import plan_post, render
 from sdswarm.model import loading
 from sdswarm.model.loading import TINY_MODEL_ID, SDComponents, default_cache_dir, load_components
-from sdswarm.model.tiny import TINY_MODEL_DIRNAME, TOKENIZER_ASSETS, build_tiny_model, tiny_tokenizer
+from sdswarm.model.text import PromptEncoder
+from sdswarm.model.tiny import (
+    TINY_MODEL_DIRNAME,
+    TOKENIZER_ASSETS,
+    build_tiny_model,
+    tiny_text_captions,
+    tiny_tokenizer,
+)
 
 WEIGHT_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
@@ -25,7 +32,7 @@ WEIGHT_FILES = (
 
 
 # Training the VAE takes tens of seconds: tests that only need *a* build ask for a few steps.
-QUICK = {"vae_steps": 2}
+QUICK = {"vae_steps": 2, "text_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ def test_load_components_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(loading, "build_tiny_model", counting_build)
     first = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
-    assert calls == [tmp_path / TINY_MODEL_DIRNAME] and TINY_MODEL_DIRNAME == "tiny-sd-v4"
+    assert calls == [tmp_path / TINY_MODEL_DIRNAME] and TINY_MODEL_DIRNAME == "tiny-sd-v5"
     mtime = (tmp_path / TINY_MODEL_DIRNAME / "model_index.json").stat().st_mtime_ns
     second = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
     assert len(calls) == 1
@@ -133,18 +140,18 @@ def test_loaded_parts_fit_together(tiny_path: Path) -> None:
 
 
 def test_same_seed_same_weights(tmp_path: Path) -> None:
-    # A few VAE steps run the same code as the full build: enough to catch any unseeded randomness.
+    # A few VAE and text encoder steps run the same code as the full build: enough to catch any unseeded randomness.
     vae_steps = 5
     threads_before = torch.get_num_threads()
     torch.set_num_threads(3)  # not the build's own count, which must not decide the weights
     try:
-        ref = _weights(build_tiny_model(tmp_path / "ref", seed=0, vae_steps=vae_steps))
+        ref = _weights(build_tiny_model(tmp_path / "ref", seed=0, vae_steps=vae_steps, text_steps=vae_steps))
         assert torch.get_num_threads() == 3  # the build's fixed thread count is not left behind
     finally:
         torch.set_num_threads(threads_before)
-    again = _weights(build_tiny_model(tmp_path / "again", seed=0, vae_steps=vae_steps))
+    again = _weights(build_tiny_model(tmp_path / "again", seed=0, vae_steps=vae_steps, text_steps=vae_steps))
     assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
-    other = _weights(build_tiny_model(tmp_path / "other", seed=1, vae_steps=vae_steps))
+    other = _weights(build_tiny_model(tmp_path / "other", seed=1, vae_steps=vae_steps, text_steps=vae_steps))
     assert any(not torch.equal(ref[k], other[k]) for k in ref)
 
 
@@ -171,6 +178,19 @@ def test_tiny_vae_reconstructs_demo_images(tiny_path: Path) -> None:
     assert random_error > 0.3, random_error
     # The scaling factor is computed, as SD's 0.18215 was: scaled latents have about unit variance.
     assert vae.config.scaling_factor != 0.18215 and 0.7 < scaled_std < 1.4, scaled_std
+
+
+def test_tiny_vae_decodes_a_blend_of_latents_to_the_blend_of_colours(tiny_path: Path) -> None:
+    # An uncertain UNet predicts a mean of latents; it must look like a mean of the pictures (a dark yellow between
+    # yellow and black), not like another colour of the palette, or samples break up into patches of wrong colours.
+    vae = AutoencoderKL.from_pretrained(tiny_path, subfolder="vae").eval()
+    images = _demo_images(seed=4242, count=16)
+    others = images.roll(1, dims=0)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+        blend = vae.decode((latents + latents.roll(1, dims=0)) / 2).sample.clamp(-1, 1)
+    error = (blend - (images + others) / 2).abs().mean().item()
+    assert error < 0.2, f"a blend of two latents decodes {error:.3f} from the blend of the two images (0..2 scale)"
 
 
 def test_build_keeps_existing_folder(tmp_path: Path) -> None:
@@ -245,3 +265,36 @@ def test_pickled_weights_are_never_loaded(tiny_path: Path, tmp_path: Path) -> No
     with pytest.raises(ModelUnavailable, match="safetensors files only") as err:
         load_components(str(pickled))
     assert str(pickled) in str(err.value)
+
+
+def _colour_accuracy(text_encoder: CLIPTextModel) -> tuple[float, float]:
+    """How well the mean hidden state tells a caption's shape colour and background colour apart (nearest centroid
+    on unseen captions of one shape on one background)."""
+    captions, tags = tiny_text_captions(seed=7, count=800)
+    rows = [(c, t) for c, t in zip(captions, tags, strict=True) if "1shape" in t and "two-tone_background" not in t]
+    shape = [next(tag.split("_")[0] for tag in t if "_" in tag and not tag.endswith("_background")) for _, t in rows]
+    background = [next(tag.split("_")[0] for tag in t if tag.endswith("_background")) for _, t in rows]
+    encoder = PromptEncoder(tiny_tokenizer(), text_encoder.eval(), clip_penultimate=True)
+    with torch.no_grad():
+        pooled = encoder([c for c, _ in rows]).mean(dim=1)
+    split = len(rows) * 2 // 3
+    accuracies = []
+    for labels in (shape, background):
+        centroids = {label: pooled[:split][[x == label for x in labels[:split]]].mean(0) for label in set(labels)}
+        names = list(centroids)
+        nearest = torch.cdist(pooled[split:], torch.stack([centroids[n] for n in names])).argmin(1)
+        accuracies.append(sum(names[i] == want for i, want in zip(nearest.tolist(), labels[split:], strict=True))
+                          / (len(rows) - split))
+    return accuracies[0], accuracies[1]
+
+
+def test_tiny_text_encoder_tells_the_shapes_colour_from_the_backgrounds(tiny_path: Path) -> None:
+    # SD's text encoder comes pretrained; the tiny one is taught at build time which tags a caption holds, so
+    # "red circle, blue background" and "blue circle, red background" mean different things to it.
+    built = CLIPTextModel.from_pretrained(tiny_path, subfolder="text_encoder")
+    torch.manual_seed(0)
+    untrained = CLIPTextModel(built.config)
+    shape, background = _colour_accuracy(built)
+    untrained_shape, untrained_background = _colour_accuracy(untrained)
+    assert shape > 0.9 and background > 0.9, (shape, background)
+    assert untrained_shape < 0.6 and untrained_background < 0.6, (untrained_shape, untrained_background)

@@ -4,8 +4,11 @@ records. Real DHTs on 127.0.0.1 in this process (seconds); test_admission_swarm.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import weakref
+from types import SimpleNamespace
 
 import hivemind
 import pytest
@@ -15,7 +18,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from sdswarm.swarm.admission import Admission, SwarmAuthorizer, _post_admit, request_access
+from sdswarm.swarm.admission import Admission, Gate, SwarmAuthorizer, _post_admit, request_access
 from sdswarm.swarm.invites import (
     Access,
     AdmissionError,
@@ -173,6 +176,38 @@ def test_the_averagers_serve_admitted_peers_only(swarm, caplog):
         assert joined != ["PROTOCOL_VIOLATION"] and parts > 0  # hivemind's own answer, and the state
     finally:
         averager.shutdown()
+
+
+def test_a_stream_handler_asking_the_gate_is_not_collected_mid_round():
+    """A tensor part's stream handler whose socket is paused is held by nothing but its wait for the DHT's answer,
+    which hivemind holds weakly: uncollected, or the sender's part is lost and the round fails for the group."""
+
+    class SlowDHT:
+        def __init__(self) -> None:
+            self.answers: list[weakref.ref] = []
+
+        def get(self, key: str, latest: bool, return_future: bool) -> asyncio.Future:
+            answer = asyncio.get_running_loop().create_future()
+            self.answers.append(weakref.ref(answer))  # as hivemind's MPFuture registry: weakly
+            return answer
+
+    async def main() -> bool:
+        dht = SlowDHT()
+        gate = Gate("t", "me", SimpleNamespace(swarm_public_key=None), SimpleNamespace(peers=frozenset()),
+                    refresh=0.02)
+        handler = weakref.ref(asyncio.create_task(gate.admits(dht, PeerID(b"stranger"), "send a tensor part")))
+        await asyncio.sleep(0)  # the gate asks the DHT
+        gc.collect()
+        task = handler()
+        assert task is not None, "the handler was destroyed while it waited for the DHT"
+        while not task.done():  # the members record never names the stranger
+            for answer in filter(None, (ref() for ref in dht.answers)):
+                if not answer.done():
+                    answer.set_result(None)
+            await asyncio.sleep(0.005)
+        return task.result()
+
+    assert asyncio.run(main()) is False
 
 
 def test_a_relay_answers_invites_over_http(tmp_path):

@@ -43,7 +43,7 @@ def test_a_lora_swarm_holds_one_set_of_adapters_a_late_joiner_downloads_only_the
     # that joins through the relay (its answer names the base), one that reaches the swarm's DHT with --peers (the
     # peers publish their base with their telemetry; it holds a copy of the swarm key, so the DHT admits it)
     other_cache = tmp_path / "other-cache"
-    build_tiny_model(other_cache / TINY_MODEL_DIRNAME, seed=1, vae_steps=5)
+    build_tiny_model(other_cache / TINY_MODEL_DIRNAME, seed=1, vae_steps=5, text_steps=5)
     impostor = peers("impostor", join=mother.address, max_steps=1000, env={"SDSWARM_CACHE": str(other_cache)}).start()
     stranger = peers("stranger", max_steps=1000, **LORA, env={"SDSWARM_CACHE": str(other_cache)})
     stranger.args += ["--peers", mother.address]

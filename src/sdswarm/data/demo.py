@@ -54,6 +54,9 @@ STAR_INNER = 0.4  # inner/outer radius of the star; thin enough to tell apart fr
 # model trained for minutes learns what most posts (and the demo's prompts) are, one shape on one colour.
 TWO_SHAPES = 0.1
 TWO_TONE = 0.1
+# 120 one-shape combinations of shape, colour and background: at 240 posts a fifth of them never occurs and the demo
+# draws an unseen prompt ("yellow star" on black) in the colour it saw most (white); at 1200 each occurs ~8 times.
+DEMO_POSTS = 1200
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def _is_complete(root: Path, count: int, seed: int) -> bool:
     return all((root / f"{i}{ext}").is_file() for i in range(1, count + 1) for ext in (".png", ".json"))
 
 
-def make_demo_dataset(root: Path, count: int = 240, seed: int = 0) -> Path:
+def make_demo_dataset(root: Path, count: int = DEMO_POSTS, seed: int = 0) -> Path:
     """Write posts 1..count into root (idempotent: a complete set with the same count/seed is kept)."""
     root = Path(root)
     if count < 1:
@@ -213,7 +216,7 @@ def make_demo_dataset(root: Path, count: int = 240, seed: int = 0) -> Path:
     return root
 
 
-def make_demo_index(root: Path, count: int = 240, seed: int = 0) -> Path:
+def make_demo_index(root: Path, count: int = DEMO_POSTS, seed: int = 0) -> Path:
     """The demo as a real bucket: the files (made if needed) plus their index db, rebuilt when stale."""
     from sdswarm.data.index import Index, build_from_folder  # the demo files alone need no index code
 

@@ -63,7 +63,8 @@ def _resolve(model: str, cache_dir: Path | None) -> tuple[str, Path | None]:
     if model == TINY_MODEL_ID:
         path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / TINY_MODEL_DIRNAME
         if not (path / "model_index.json").exists():
-            log.info("building the tiny model (first run only: trains its VAE, about half a minute) into %s", path)
+            log.info("building the tiny model (first run only: trains its VAE and text encoder, 1-2 minutes) into %s",
+                     path)
             build_tiny_model(path)
         return str(path), None
     if not _is_local(model):

@@ -153,8 +153,20 @@ class Gate:
         self.run_id, self.own_peer_id, self.access, self.bans = run_id, own_peer_id, access, bans
         self.refresh, self._members, self._read_at = refresh, set(), -1e9
         self._logged: dict[str, float] = {}
+        self._asking: set[asyncio.Task] = set()
 
     async def admits(self, dht: hivemind.DHT, peer: PeerID, what: str) -> bool:
+        # hivemind holds the DHT's answer (an MPFuture) weakly, and a stream handler whose socket is paused (a tensor
+        # part waiting in its buffer) is held by nothing else: the garbage collector would destroy it mid-lookup, and
+        # with it the sender's part of the round (the first rounds with a new peer failed so)
+        task = asyncio.current_task()
+        self._asking.add(task)
+        try:
+            return await self._admits(dht, peer, what)
+        finally:
+            self._asking.discard(task)
+
+    async def _admits(self, dht: hivemind.DHT, peer: PeerID, what: str) -> bool:
         peer_id = peer.to_base58()
         if peer_id in self.bans.peers:
             return self._refuse(peer_id, what, "banned")
