@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import time
+import weakref
 from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
 
 from sdswarm.swarm import telemetry
 from sdswarm.swarm.network import (
     PEERS_FILE,
+    _connected_addresses,
     connected_peer_addresses,
     remember_peers,
     remembered_peers,
@@ -78,3 +85,28 @@ def test_a_call_the_dht_never_answers_does_not_stop_the_telemetry(monkeypatch):
         time.sleep(0.05)
     publisher.stop()
     assert dht.stores >= 3 and time.monotonic() - started < 10
+
+
+def test_listing_the_connections_in_the_dht_process_survives_the_collector_and_gives_up_in_time():
+    class Node:  # the DHT process's node, whose p2p daemon answers late, or never
+        def __init__(self) -> None:
+            self.p2p, self.answers = self, []
+
+        def list_peers(self) -> asyncio.Future:
+            answer = asyncio.get_running_loop().create_future()
+            self.answers.append(weakref.ref(answer))
+            return answer
+
+    async def main() -> None:
+        node = Node()
+        listing = weakref.ref(asyncio.create_task(_connected_addresses(None, node, timeout=30)))
+        await asyncio.sleep(0)
+        gc.collect()  # hivemind keeps no reference to the task: only the listing's own wait holds it
+        task = listing()
+        assert task is not None, "the listing was destroyed mid-wait"
+        node.answers[0]().set_result([SimpleNamespace(peer_id="QmPeer", addrs=["/ip4/127.0.0.1/tcp/5"])])
+        assert await task == ["/ip4/127.0.0.1/tcp/5/p2p/QmPeer"]
+        with pytest.raises(asyncio.TimeoutError):  # a daemon that never answers holds nothing for ever
+            await _connected_addresses(None, Node(), timeout=0.1)
+
+    asyncio.run(main())

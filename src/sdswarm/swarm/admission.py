@@ -54,6 +54,7 @@ from sdswarm.swarm.invites import (
     read_invite,
     token_problem,
 )
+from sdswarm.swarm.network import held_task
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def read_members(entries: Any, swarm_public_key: RSAPublicKey) -> set[str]:
 
 
 MEMBER_LOOKUPS = 3  # reads of the members record before an unknown peer is refused (about `refresh` seconds)
+MEMBER_LOOKUP_TIMEOUT = 10.0  # seconds
 
 
 class Gate:
@@ -153,18 +155,12 @@ class Gate:
         self.run_id, self.own_peer_id, self.access, self.bans = run_id, own_peer_id, access, bans
         self.refresh, self._members, self._read_at = refresh, set(), -1e9
         self._logged: dict[str, float] = {}
-        self._asking: set[asyncio.Task] = set()
 
     async def admits(self, dht: hivemind.DHT, peer: PeerID, what: str) -> bool:
-        # hivemind holds the DHT's answer (an MPFuture) weakly, and a stream handler whose socket is paused (a tensor
-        # part waiting in its buffer) is held by nothing else: the garbage collector would destroy it mid-lookup, and
-        # with it the sender's part of the round (the first rounds with a new peer failed so)
-        task = asyncio.current_task()
-        self._asking.add(task)
-        try:
+        # a stream handler whose socket is paused (a tensor part waiting in its buffer) is held by nothing but its wait
+        # for the DHT's answer: unheld, the first rounds with a new peer lost its part and failed
+        with held_task():
             return await self._admits(dht, peer, what)
-        finally:
-            self._asking.discard(task)
 
     async def _admits(self, dht: hivemind.DHT, peer: PeerID, what: str) -> bool:
         peer_id = peer.to_base58()
@@ -178,8 +174,10 @@ class Gate:
                 await asyncio.sleep(self.refresh / 2)
             if time.monotonic() - self._read_at >= self.refresh / 4:  # bounded reads, whoever asks
                 self._read_at = time.monotonic()
-                found = await dht.get(members_key(self.run_id), latest=True, return_future=True)
-                self._members = read_members(found, self.access.swarm_public_key)
+                with contextlib.suppress(asyncio.TimeoutError):  # a DHT that never answers: look again
+                    found = await asyncio.wait_for(dht.get(members_key(self.run_id), latest=True, return_future=True),
+                                                   MEMBER_LOOKUP_TIMEOUT)
+                    self._members = read_members(found, self.access.swarm_public_key)
         return peer_id in self._members or self._refuse(peer_id, what, "not admitted (no valid access token)")
 
     def _refuse(self, peer_id: str, what: str, why: str) -> bool:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import hivemind
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 PEERS_FILE = "peers"  # OUTPUT/peers: the addresses of the peers this node last saw, one a line
 MAX_REMEMBERED = 32
+_HELD_TASKS: set[asyncio.Task] = set()
 
 
 def start_dht(
@@ -115,7 +117,7 @@ def connected_peer_addresses(dht: hivemind.DHT, timeout: float = 10.0) -> list[s
     Bounded: hivemind can lose the coroutine's task (it logged "Task was destroyed but it is pending" when a peer
     restarted) and never answer; the node's telemetry thread, which calls this after each publication, then stopped
     for good, and every swarm view lost this peer a minute later."""
-    future = dht.run_coroutine(_connected_addresses, return_future=True)
+    future = dht.run_coroutine(partial(_connected_addresses, timeout=timeout), return_future=True)
     try:
         return future.result(timeout=timeout)
     except TimeoutError:
@@ -124,9 +126,25 @@ def connected_peer_addresses(dht: hivemind.DHT, timeout: float = 10.0) -> list[s
         return []
 
 
-async def _connected_addresses(_dht: hivemind.DHT, node) -> list[str]:  # runs in the DHT process (picklable)
-    return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs
+async def _connected_addresses(_dht: hivemind.DHT, node, timeout: float) -> list[str]:  # in the DHT process
+    with held_task():
+        peers = await asyncio.wait_for(node.p2p.list_peers(), timeout)
+    return [f"{addr}/p2p/{info.peer_id}" for info in peers for addr in info.addrs
             if "/tcp/" in str(addr) and "p2p-circuit" not in str(addr)]
+
+
+@contextlib.contextmanager
+def held_task() -> Iterator[None]:
+    """Keep the running asyncio task alive until the block ends. The event loop holds tasks weakly, and hivemind
+    starts the DHT's and its RPC handlers' tasks without keeping them: a task whose wait nothing else reaches (an
+    MPFuture, which hivemind holds weakly; a client stream's reader) was destroyed mid-wait by the garbage collector
+    ("Task was destroyed but it is pending!"), and its work lost: a round's tensor part, a list of peers."""
+    task = asyncio.current_task()
+    _HELD_TASKS.add(task)
+    try:
+        yield
+    finally:
+        _HELD_TASKS.discard(task)
 
 
 def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:
