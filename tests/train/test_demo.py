@@ -24,8 +24,8 @@ def grid_checks(grid: Image.Image, config) -> list:
 
 
 @pytest.mark.demo
-@pytest.mark.timeout(1800)  # 700 steps of 32: 3-4 minutes on 2 idle cores, ~10 on a busy machine
-@pytest.mark.skipif(not os.environ.get("SDSWARM_DEMO_CHECK"), reason="trains the whole demo (3-4 minutes on 2 idle "
+@pytest.mark.timeout(1800)  # 700 steps of 32: 4-5 minutes on 2 idle cores, ~10 on a busy machine
+@pytest.mark.skipif(not os.environ.get("SDSWARM_DEMO_CHECK"), reason="trains the whole demo (4-5 minutes on 2 idle "
                     "cores): set SDSWARM_DEMO_CHECK=1 to run it")
 def test_the_demo_grid_shows_the_prompts_colours_and_the_untrained_one_does_not(tmp_path, capsys):
     config = load_config(ROOT / "configs" / "tiny.yaml", {"output.dir": str(tmp_path),
