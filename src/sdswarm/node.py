@@ -82,7 +82,7 @@ from sdswarm.swarm.telemetry import (
     wait_for_stragglers,
 )
 from sdswarm.train.checkpoint import Checkpoints, load_training_state
-from sdswarm.train.colour_check import check_grid
+from sdswarm.train.grid_check import check_grid, tally
 from sdswarm.train.latents import LatentCache
 from sdswarm.train.loop import Progress, Trainer
 from sdswarm.train.step import fixed_seed_loss, half_dtype
@@ -445,13 +445,12 @@ def train_and_evaluate(trainer: Trainer, controls: NodeControls, stream: BatchSt
 
 
 def report_samples(grid: Path, prompts: Sequence[str], size: int) -> None:
-    """Where the last grid is, and for the demo's prompts whether each sample shows its colours."""
+    """Where the last grid is, and for the demo's prompts whether each sample shows its shape and colours."""
     checks = check_grid(Image.open(grid), prompts, size, size)
     if not checks:
         log.info("samples: %s", grid)
         return
-    log.info("samples: %s: %d of %d prompts show their shape's colour in the centre and the background at the "
-             "border\n  %s", grid, sum(c.ok for c in checks), len(checks), "\n  ".join(c.describe() for c in checks))
+    log.info("samples: %s: %s\n  %s", grid, tally(checks), "\n  ".join(c.describe() for c in checks))
 
 
 def load_eval_batches(path: Path, stream: BatchStream, data_round: int) -> list[Batch]:

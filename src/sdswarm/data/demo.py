@@ -142,15 +142,18 @@ def render(spec: PostSpec) -> Image.Image:
         )
         draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=COLOURS[spec.background[1]])
     for s in spec.shapes:
-        fill = COLOURS[s.colour]
-        if s.kind == "circle":
-            draw.ellipse((s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r), fill=fill)
-        elif s.kind == "square":
-            h = round(s.r * 0.8)  # a square of the same circumradius looks too big next to the others
-            draw.rectangle((s.cx - h, s.cy - h, s.cx + h, s.cy + h), fill=fill)
-        else:
-            draw.polygon(_shape_points(s), fill=fill)
+        draw_shape(draw, s, COLOURS[s.colour])
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, s: ShapeSpec, fill: tuple[int, int, int] | int) -> None:
+    if s.kind == "circle":
+        draw.ellipse((s.cx - s.r, s.cy - s.r, s.cx + s.r, s.cy + s.r), fill=fill)
+    elif s.kind == "square":
+        h = round(s.r * 0.8)  # a square of the same circumradius looks too big next to the others
+        draw.rectangle((s.cx - h, s.cy - h, s.cx + h, s.cy + h), fill=fill)
+    else:
+        draw.polygon(_shape_points(s), fill=fill)
 
 
 def post_json(spec: PostSpec, md5: str) -> dict[str, Any]:
