@@ -4,6 +4,7 @@ a peer downloads. One process, no peers (the attacks with real processes are in 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
 import time
 
 import hivemind
@@ -23,7 +24,14 @@ from sdswarm.swarm.catch_up import (
     state_problem,
 )
 from sdswarm.swarm.optimizer import state_compression
-from sdswarm.swarm.validation import CLIP_RATIO, CheckedAveraging, CheckedPartReducer, Quarantine, robust_mean
+from sdswarm.swarm.validation import (
+    CLIP_RATIO,
+    CheckedAveraging,
+    CheckedPartReducer,
+    Quarantine,
+    QuarantineBoard,
+    robust_mean,
+)
 
 
 def honest_parts(n: int, size: int = 1000) -> list[torch.Tensor]:
@@ -117,6 +125,25 @@ def test_a_quarantine_ends_and_doubles_on_each_repeat():
     assert quarantine.holds("QmRogue")  # 2 s the second time
     time.sleep(1.0)
     assert not quarantine.holds("QmRogue")
+
+
+
+def test_a_peer_one_averager_quarantines_is_kept_out_by_the_peers_other_averagers():
+    """Each averager runs in its own process: the gradient averager catches a NaN sender, and the parameter
+    averager (where the share it reduces would stay unaveraged) keeps it out too, for as long."""
+    board = QuarantineBoard(seats=2)
+    gradients, parameters = board.quarantine(period=60.0), board.quarantine(period=60.0)
+    with pytest.raises(RuntimeError, match="none left"):
+        board.quarantine()
+    catcher = mp.get_context("fork").Process(target=gradients.add, args=("QmRogue", "1 refused: non-finite values"))
+    catcher.start()
+    catcher.join(timeout=30)
+    assert catcher.exitcode == 0
+    deadline = time.monotonic() + 10
+    while not parameters.holds("QmRogue") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert parameters.holds("QmRogue") and not parameters.holds("QmHonest")
+    assert 50 < parameters.until["QmRogue"] - time.monotonic() <= 60
 
 
 class CheckedRounds(CheckedAveraging, DecentralizedAverager):

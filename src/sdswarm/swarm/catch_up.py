@@ -39,7 +39,7 @@ from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
 from sdswarm.swarm.admission import Gate, GatedRPCs
-from sdswarm.swarm.validation import CheckedAveraging, lower_median
+from sdswarm.swarm.validation import CheckedAveraging, QuarantineBoard, lower_median
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,9 @@ class GuardedOptimizer(hivemind.Optimizer):
     grad_averager_factory) the checked gradient averager; `gate`: who may join its rounds and download its state
     (swarm/admission.py; None: anyone)."""
 
-    def __init__(self, *, gate: Gate | None = None, **kwargs) -> None:
+    def __init__(self, *, gate: Gate | None = None, quarantines: QuarantineBoard | None = None, **kwargs) -> None:
         self._gate = gate  # before hivemind.Optimizer makes its state averager
+        self._quarantines = quarantines if quarantines is not None else QuarantineBoard(seats=1)
         super().__init__(**kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
@@ -325,7 +326,8 @@ class GuardedOptimizer(hivemind.Optimizer):
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
             status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, gate=self._gate, **kwargs)
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, gate=self._gate,
+            quarantine=self._quarantines.quarantine(), **kwargs)
         trust(averager, self.tracker)
         return averager
 

@@ -41,7 +41,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from sdswarm.swarm.admission import Gate
 from sdswarm.swarm.catch_up import CheckedStateAverager, TrustedProgressTracker, trust
 from sdswarm.swarm.host_memory import mapped_copy, share_before_fork
-from sdswarm.swarm.validation import CheckedDecentralizedAverager
+from sdswarm.swarm.validation import CheckedDecentralizedAverager, QuarantineBoard
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ class DiLoCoOptimizer:
             Path(mapped_state_dir).mkdir(parents=True, exist_ok=True)
         averager_class, layout = ((InPlaceStateAverager, {"folder": mapped_state_dir}) if in_place
                                   else (CheckedStateAverager, {}))
+        quarantines = QuarantineBoard(seats=2)  # the state's averager and the outer rounds' keep the same peers out
         self.state_averager = averager_class(
-            dht=dht, prefix=f"{run_id}_diloco_state", params=self.params, **layout,
+            dht=dht, prefix=f"{run_id}_diloco_state", params=self.params, **layout, quarantine=quarantines.quarantine(),
             optimizer=lambda p: outer_sgd(p, lr=outer_lr, momentum=outer_momentum, shared=in_place,
                                           folder=mapped_state_dir if in_place else None),
             offload_optimizer=True, custom_gradients=True, state_compression=state_compression,
@@ -163,6 +164,7 @@ class DiLoCoOptimizer:
             tensor_infos=[CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT)
                           for i, t in enumerate(self.pseudo_gradients)],
             client_mode=client_mode, allow_state_sharing=False, start=True, gate=gate,
+            quarantine=quarantines.quarantine(),
         )
         self.scheduled: StepControl | None = None
         self.steps_since_outer = 0

@@ -33,7 +33,7 @@ from sdswarm.swarm.catch_up import GuardedOptimizer, forget_throughput
 from sdswarm.swarm.costs import NetworkCosts
 from sdswarm.swarm.diloco import DiLoCoOptimizer
 from sdswarm.swarm.host_memory import share_before_fork
-from sdswarm.swarm.validation import CheckedGradientAverager
+from sdswarm.swarm.validation import CheckedGradientAverager, QuarantineBoard
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +273,11 @@ def make_optimizer(
             private_key=identity or RSAPrivateKey(), gate=gate,
         )
     # hivemind.Optimizer whose tracker, downloads and rounds check what other peers send (catch_up, validation),
-    # and whose averagers serve admitted peers only (admission's gate)
+    # and whose averagers serve admitted peers only (admission's gate) and keep the same peers out (quarantines)
+    quarantines = QuarantineBoard(seats=2)
     optimizer = (InPlaceOptimizer if in_place else GuardedOptimizer)(
         gate=gate,
+        quarantines=quarantines,
         dht=dht,
         run_id=swarm.run_id,
         params=params,
@@ -293,6 +295,7 @@ def make_optimizer(
         averager_opts=dict(request_timeout=swarm.matchmaking_request_timeout, **({"reuse_tensors": True}
                                                                                 if in_place else {})),
         grad_averager_factory=partial(InPlaceGradientAverager if in_place else CheckedGradientAverager, gate=gate,
+                                      quarantine=quarantines.quarantine(),
                                       request_timeout=swarm.matchmaking_request_timeout),
         tracker_opts=dict(private_key=identity) if identity is not None else None,
         grad_compression=compression,

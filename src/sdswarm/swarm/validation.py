@@ -21,10 +21,10 @@ of the vector whose reducer returned nothing (hivemind keeps this peer's own par
 N% results").
 
 A peer caught sending what no honest peer sends (non-finite values or weights; in gradient rounds, a part or an
-average more than FLAGRANT_RATIO times the group's scale) is *quarantined*: this averager neither leads it, nor
-follows it, nor runs a round in a group that holds it, for QUARANTINE_PERIOD seconds (doubled on each repeat).
-Refusing its parts alone is not enough: the share it reduces in each round stays unaveraged, and the honest peers
-drift apart on it.
+average more than FLAGRANT_RATIO times the group's scale) is *quarantined*: this peer's averagers (all of them:
+`QuarantineBoard`) neither lead it, nor follow it, nor run a round in a group that holds it, for QUARANTINE_PERIOD
+seconds (doubled on each repeat). Refusing its parts alone is not enough: the share it reduces in each round stays
+unaveraged, and the honest peers drift apart on it.
 """
 
 from __future__ import annotations
@@ -320,10 +320,14 @@ class CheckedAllReduceRunner(AllReduceRunner):
 
 class Quarantine:
     """Peers this averager keeps out of its groups, and until when (monotonic seconds). Lives in the averager's
-    process, where its rounds run and its matchmaking happens."""
+    process, where its rounds run and its matchmaking happens. Copies made by one `QuarantineBoard` (one per peer,
+    before its averagers fork) tell each other whom they caught: a peer caught sending NaN gradients is kept out of
+    the parameter rounds too, where the share it reduces would otherwise stay unaveraged and the honest peers drift
+    apart on it."""
 
-    def __init__(self, period: float = QUARANTINE_PERIOD) -> None:
-        self.period = period
+    def __init__(self, period: float = QUARANTINE_PERIOD, board: QuarantineBoard | None = None,
+                 seat: int | None = None) -> None:
+        self.period, self.board, self.seat = period, board, seat
         self.until: dict[str, float] = {}
         self.strikes: Counter[str] = Counter()
 
@@ -333,9 +337,46 @@ class Quarantine:
         self.until[peer_id] = time.monotonic() + seconds
         log.warning("peer %s is kept out of this peer's averaging groups for %.0f s: no honest peer sends what it "
                     "sent (%s)", peer_id, seconds, why)
+        if self.board is not None:
+            self.board.post(self.seat, peer_id, self.until[peer_id])
 
     def holds(self, peer: PeerID | str) -> bool:
+        if self.board is not None:
+            for peer_id, until in self.board.read(self.seat):  # caught by this peer's other averagers
+                if until > self.until.get(peer_id, 0.0):
+                    log.info("peer %s is kept out of these rounds too, for %.0f s", peer_id, until - time.monotonic())
+                    self.until[peer_id] = until
         return self.until.get(peer.to_base58() if isinstance(peer, PeerID) else peer, 0.0) > time.monotonic()
+
+
+class QuarantineBoard:
+    """One peer's averagers (gradients and parameters, or DiLoCo's outer rounds and parameters) share whom they keep
+    out: each takes a seat with `quarantine()` in the parent before it forks, and what one catches reaches the others
+    through their inboxes (queues made here, so every averager's process inherits all of them)."""
+
+    def __init__(self, seats: int = 2) -> None:
+        self.inboxes: list[mp.Queue] = [mp.Queue() for _ in range(seats)]
+        self.taken = 0
+
+    def quarantine(self, period: float = QUARANTINE_PERIOD) -> Quarantine:
+        if self.taken == len(self.inboxes):
+            raise RuntimeError(f"a QuarantineBoard of {len(self.inboxes)} seats has none left: make it larger")
+        self.taken += 1
+        return Quarantine(period, board=self, seat=self.taken - 1)
+
+    def post(self, seat: int | None, peer_id: str, until: float) -> None:
+        for index, inbox in enumerate(self.inboxes):
+            if index != seat:
+                inbox.put((peer_id, until))
+
+    def read(self, seat: int | None) -> list[tuple[str, float]]:
+        posted = []
+        while seat is not None:
+            try:
+                posted.append(self.inboxes[seat].get_nowait())
+            except (queue.Empty, OSError, ValueError):
+                break
+        return posted
 
 
 class CheckedMatchmaking(Matchmaking):
@@ -370,9 +411,10 @@ class CheckedAveraging(DecentralizedAverager):
 
     refusal_kind = "averaging"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, quarantine: Quarantine | None = None, **kwargs) -> None:
         self._refusals: mp.Queue = mp.Queue()  # before the process forks (hivemind starts it in __init__)
-        self.quarantine = Quarantine()  # filled and read in the averager's process
+        # filled and read in the averager's process; a seat at the peer's QuarantineBoard shares it with the others
+        self.quarantine = quarantine if quarantine is not None else Quarantine()
         super().__init__(*args, **kwargs)
 
     # hivemind makes its Matchmaking inside the averager's process (`_run_internal`), with no factory to pass one:
