@@ -96,7 +96,7 @@ def test_load_components_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(loading, "build_tiny_model", counting_build)
     first = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
-    assert calls == [tmp_path / TINY_MODEL_DIRNAME] and TINY_MODEL_DIRNAME == "tiny-sd-v5"
+    assert calls == [tmp_path / TINY_MODEL_DIRNAME] and TINY_MODEL_DIRNAME == "tiny-sd-v6"
     mtime = (tmp_path / TINY_MODEL_DIRNAME / "model_index.json").stat().st_mtime_ns
     second = load_components(TINY_MODEL_ID, cache_dir=tmp_path)
     assert len(calls) == 1

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from sdswarm.atomic import write_atomic
 
 BUILTIN_DEMO = "builtin:demo"  # data.source naming this data set
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST = ".manifest.json"  # hidden, so indexing does not see it as an orphan .json
 INDEX = "index.db"  # beside the files: the mother serves both, so a joiner needs nothing else
 
@@ -52,6 +52,11 @@ HIGHRES_SIDE = 128  # demo convention for the "highres" meta tag
 STAR_INNER = 0.4  # inner/outer radius of the star; thin enough to tell apart from a triangle
 # Shares of posts with two shapes / a two-tone background: enough to tag and bucket them, few enough that a
 # model trained for minutes learns what most posts (and the demo's prompts) are, one shape on one colour.
+# A shape's circumradius and its offset from its cell's centre, as shares of the cell's side. A model trained for
+# minutes draws about the mean of the pictures a prompt stands for: shapes anywhere in the picture (offsets up to a
+# sixth of the side, generator version 2) averaged to blobs; centred ones keep their outline.
+RADIUS = (0.34, 0.40)
+JITTER = 0.03
 TWO_SHAPES = 0.1
 TWO_TONE = 0.1
 # 120 one-shape combinations of shape, colour and background: at 240 posts a fifth of them never occurs and the demo
@@ -109,8 +114,8 @@ def plan_post(post_id: int, seed: int) -> PostSpec:
         cells = [(0, 0, width, height // 2), (0, height // 2, width, height - height // 2)]
     shapes = []
     for colour, (x0, y0, cw, ch) in zip(shape_colours, cells, strict=True):
-        r = round(rng.uniform(0.3, 0.42) * min(cw, ch))
-        jx, jy = max(cw // 2 - r - 2, 0), max(ch // 2 - r - 2, 0)  # keep the whole shape in its cell
+        r = round(rng.uniform(*RADIUS) * min(cw, ch))
+        jx, jy = (max(min(round(JITTER * side), side // 2 - r - 2), 0) for side in (cw, ch))  # whole in its cell
         cx = x0 + cw // 2 + round(rng.uniform(-jx, jx))
         cy = y0 + ch // 2 + round(rng.uniform(-jy, jy))
         shapes.append(ShapeSpec(rng.choice(SHAPES), colour, cx, cy, r))
