@@ -50,13 +50,13 @@ SIZES: tuple[tuple[tuple[int, int], int], ...] = (
 )
 HIGHRES_SIDE = 128  # demo convention for the "highres" meta tag
 STAR_INNER = 0.4  # inner/outer radius of the star; thin enough to tell apart from a triangle
-# Shares of posts with two shapes / a two-tone background: enough to tag and bucket them, few enough that a
-# model trained for minutes learns what most posts (and the demo's prompts) are, one shape on one colour.
 # A shape's circumradius and its offset from its cell's centre, as shares of the cell's side. A model trained for
 # minutes draws about the mean of the pictures a prompt stands for: shapes anywhere in the picture (offsets up to a
 # sixth of the side, generator version 2) averaged to blobs; centred ones keep their outline.
 RADIUS = (0.34, 0.40)
 JITTER = 0.03
+# Shares of posts with two shapes / a two-tone background: enough to tag and bucket them, few enough that a
+# model trained for minutes learns what most posts (and the demo's prompts) are, one shape on one colour.
 TWO_SHAPES = 0.1
 TWO_TONE = 0.1
 # 120 one-shape combinations of shape, colour and background: at 240 posts a fifth of them never occurs and the demo

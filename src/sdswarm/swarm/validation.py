@@ -325,8 +325,7 @@ class Quarantine:
     the parameter rounds too, where the share it reduces would otherwise stay unaveraged and the honest peers drift
     apart on it."""
 
-    def __init__(self, period: float = QUARANTINE_PERIOD, board: QuarantineBoard | None = None,
-                 seat: int | None = None) -> None:
+    def __init__(self, period: float = QUARANTINE_PERIOD, board: QuarantineBoard | None = None, seat: int = 0) -> None:
         self.period, self.board, self.seat = period, board, seat
         self.until: dict[str, float] = {}
         self.strikes: Counter[str] = Counter()
@@ -364,19 +363,18 @@ class QuarantineBoard:
         self.taken += 1
         return Quarantine(period, board=self, seat=self.taken - 1)
 
-    def post(self, seat: int | None, peer_id: str, until: float) -> None:
+    def post(self, seat: int, peer_id: str, until: float) -> None:
         for index, inbox in enumerate(self.inboxes):
             if index != seat:
                 inbox.put((peer_id, until))
 
-    def read(self, seat: int | None) -> list[tuple[str, float]]:
+    def read(self, seat: int) -> list[tuple[str, float]]:
         posted = []
-        while seat is not None:
+        while True:
             try:
                 posted.append(self.inboxes[seat].get_nowait())
             except (queue.Empty, OSError, ValueError):
-                break
-        return posted
+                return posted
 
 
 class CheckedMatchmaking(Matchmaking):
