@@ -51,9 +51,10 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.asyncio import aenumerate
 
 from sdswarm.swarm.admission import GatedRPCs
+from sdswarm.swarm.round_tensors import RoundTensors
 
 log = logging.getLogger(__name__)
 
@@ -455,16 +456,19 @@ class CheckedAveraging(DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
                                       group_id: bytes | None = None, **kwargs) -> None:
         # as DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12), with the checked runner
+        # and the tensors smaller than a part joined into one (round_tensors.py)
         group_id = group_info.group_id if group_id is None else group_id
+        sent = RoundTensors(tensors, kwargs.pop("tensor_infos", None), compression=kwargs["compression"],
+                            part_values=kwargs["part_size_bytes"] // 4)  # fp32 values in one part
         runner = CheckedAllReduceRunner(
             report=self._refusals, quarantine=self.quarantine, kind=self.refusal_kind, p2p=self._p2p,
-            servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, **kwargs)
+            servicer_type=type(self), prefix=self.prefix, tensors=sent.sent, tensor_infos=sent.infos,
+            group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
+            async for index, update in aenumerate(runner):
+                sent.add_(index, update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
         else:
