@@ -610,7 +610,7 @@ def start_http(config: Config, settings: NodeSettings, dht: hivemind.DHT, contro
 
 
 def demo_dir() -> Path:
-    return default_cache_dir() / "demo-v3"
+    return default_cache_dir() / "demo-v4"
 
 
 def peer_metrics(progress: Progress, peer_id: str, role: str, address: str | None, data_slot: int | None,

@@ -25,8 +25,8 @@ def grid_checks(grid: Image.Image, config) -> list:
 
 
 @pytest.mark.demo
-@pytest.mark.timeout(2400)  # 1050 steps of 32: about 9 minutes on 2 cores, ~20 on a busy machine
-@pytest.mark.skipif(not os.environ.get("SDSWARM_DEMO_CHECK"), reason="trains the whole demo (about 9 minutes on 2 "
+@pytest.mark.timeout(2400)  # 1050 steps of 32: about 7 minutes on 2 cores, ~20 on a busy machine
+@pytest.mark.skipif(not os.environ.get("SDSWARM_DEMO_CHECK"), reason="trains the whole demo (about 7 minutes on 2 "
                     "cores): set SDSWARM_DEMO_CHECK=1 to run it")
 def test_the_demo_grid_shows_the_prompts_colours_and_the_untrained_one_does_not(tmp_path, capsys):
     config = load_config(ROOT / "configs" / "tiny.yaml", {"output.dir": str(tmp_path),

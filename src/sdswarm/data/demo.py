@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from sdswarm.atomic import write_atomic
 
 BUILTIN_DEMO = "builtin:demo"  # data.source naming this data set
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MANIFEST = ".manifest.json"  # hidden, so indexing does not see it as an orphan .json
 INDEX = "index.db"  # beside the files: the mother serves both, so a joiner needs nothing else
 
@@ -37,9 +37,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-# (width, height), weight: mostly small squares, plus portrait/landscape and larger ones for bucketing.
+# (width, height), weight: about 70 % in the square bucket, as the demo's prompts are sampled, plus portrait/landscape
+# and larger ones for bucketing. A UNet learns where a shape's outline goes from the picture's edges, one bucket's
+# canvas at a time: with 57 % of the posts in non-square buckets (generator version 3) the demo drew 1 to 3 of its 4
+# prompts' shapes after 1050 steps (0 to 1 after 700), with 29 % 3 of 4 and a star the check misses.
 SIZES: tuple[tuple[tuple[int, int], int], ...] = (
-    ((64, 64), 4),
+    ((64, 64), 22),
     ((48, 96), 2),
     ((96, 48), 2),
     ((64, 96), 1),
