@@ -98,10 +98,10 @@ class PostSpec:
         return ["highres"] if max(self.width, self.height) >= HIGHRES_SIDE else []
 
 
-def plan_post(post_id: int, seed: int) -> PostSpec:
+def plan_post(post_id: int, seed: int, sizes_weights: tuple[tuple[tuple[int, int], int], ...] = SIZES) -> PostSpec:
     """The drawing parameters of one post; independent of the data set size."""
     rng = random.Random(f"sdswarm-demo:{seed}:{post_id}")  # str seeds hash with sha512: stable everywhere
-    sizes, weights = zip(*SIZES, strict=True)
+    sizes, weights = zip(*sizes_weights, strict=True)
     width, height = rng.choices(sizes, weights)[0]
     n_shapes = 2 if rng.random() < TWO_SHAPES else 1
     shape_colours = rng.sample(list(COLOURS), n_shapes) if n_shapes == 2 else [rng.choice(list(COLOURS))]
