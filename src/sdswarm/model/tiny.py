@@ -32,8 +32,8 @@ TINY_VAE_LR = 5e-3
 TINY_VAE_KL_WEIGHT = 1e-4  # per latent element, against a per-pixel L1: just enough to keep latents smooth
 TINY_VAE_IMAGES = 256
 BUILD_POST_OFFSET = 1_000_000  # post ids the VAE and text encoder learn from: none of them is in the demo data set
-# ... drawn at generator version 3's sizes (57 % non-square, so more edges in their crops): a VAE trained on version 4's
-# mostly square posts reconstructed them worse (mean abs error 0.129 on a 0..2 scale, against 0.073)
+# ... drawn at generator version 3's sizes (57 % non-square): a VAE trained on version 4's mostly square posts
+# reconstructed them worse (mean abs error 0.129 on a 0..2 scale) than one trained on version 3's (0.073)
 BUILD_SIZES = tuple((size, 4 if size == (64, 64) else weight) for size, weight in SIZES)
 # SD's text encoder comes pretrained (CLIP); ours learns at build time to tell which tags a caption holds, so
 # "red circle, blue background" and "blue circle, red background" differ before the demo trains the UNet.
