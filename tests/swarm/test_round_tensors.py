@@ -33,7 +33,7 @@ def test_the_tensors_under_a_part_travel_as_one_and_the_rest_as_they_are():
     roles[6] = TensorRole.OPTIMIZER  # an AdamW moment: never scaled together with weights
     infos = [CompressionInfo.from_tensor(t, key=i, role=role)
              for i, (t, role) in enumerate(zip(tensors, roles, strict=True))]
-    sent = RoundTensors(tensors, infos, part_values=1000, compression=ScaledFloat16Compression())
+    sent = RoundTensors(tensors, infos, part_size_bytes=4000, compression=ScaledFloat16Compression())
     # the two 12,000-value weights and the lone moment and float64 tensor as they are, then the float32 weights
     # under 1000 values joined into one
     assert [t.numel() for t in sent.sent] == [12_000, 12_000, 7, 12, 64 + 216 + 5 + 1]
@@ -46,13 +46,13 @@ def test_the_tensors_under_a_part_travel_as_one_and_the_rest_as_they_are():
 @pytest.mark.parametrize("codec", [Uniform8BitQuantization()])
 def test_a_codec_that_quantizes_a_part_on_one_scale_keeps_every_tensor_apart(codec):
     tensors = model_like(0)
-    sent = RoundTensors(tensors, None, part_values=1000, compression=codec)
+    sent = RoundTensors(tensors, None, part_size_bytes=4000, compression=codec)
     assert sent.sent == tensors
 
 
 def test_an_update_reaches_each_packed_tensor_and_keeps_what_changed_it_during_the_round():
     tensors = model_like(0)
-    sent = RoundTensors(tensors, None, part_values=1000, compression=Float16Compression())
+    sent = RoundTensors(tensors, None, part_size_bytes=4000, compression=Float16Compression())
     before = [t.clone() for t in tensors]
     tensors[0] += 1.0  # trained on while the round ran: hivemind adds the round's update to it, and so do we
     for index, tensor in enumerate(sent.sent):

@@ -41,7 +41,8 @@ SHAPES = ("circle", "square", "triangle", "star")
 # and larger ones for bucketing. A UNet learns where a shape's outline goes from the picture's edges, one bucket's
 # canvas at a time: with 57 % of the posts in non-square buckets (generator version 3) the demo drew 1 to 3 of its 4
 # prompts' shapes after 1050 steps (0 to 1 after 700), with 29 % 3 of 4 and a star the check misses.
-SIZES: tuple[tuple[tuple[int, int], int], ...] = (
+SizeWeights = tuple[tuple[tuple[int, int], int], ...]  # ((width, height), weight), ...
+SIZES: SizeWeights = (
     ((64, 64), 22),
     ((48, 96), 2),
     ((96, 48), 2),
@@ -98,7 +99,7 @@ class PostSpec:
         return ["highres"] if max(self.width, self.height) >= HIGHRES_SIDE else []
 
 
-def plan_post(post_id: int, seed: int, sizes_weights: tuple[tuple[tuple[int, int], int], ...] = SIZES) -> PostSpec:
+def plan_post(post_id: int, seed: int, sizes_weights: SizeWeights = SIZES) -> PostSpec:
     """The drawing parameters of one post; independent of the data set size."""
     rng = random.Random(f"sdswarm-demo:{seed}:{post_id}")  # str seeds hash with sha512: stable everywhere
     sizes, weights = zip(*sizes_weights, strict=True)

@@ -20,19 +20,19 @@ PACKABLE = (NoCompression, Float16Compression)  # ScaledFloat16Compression is a 
 
 
 class RoundTensors:
-    """`tensors` as a round sends them (`sent`): those of at least `part_values` values as they are, then the rest
+    """`tensors` as a round sends them (`sent`): those of at least `part_size_bytes` as they are, then the rest
     joined into one flat tensor per dtype, device and role. `add_` applies the round's update of a sent tensor to the
     tensors it holds, as hivemind adds an update to each tensor: what changed them during the round stays."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], infos: Sequence[CompressionInfo] | None, *,
-                 part_values: int, compression: CompressionBase) -> None:
+                 part_size_bytes: int, compression: CompressionBase) -> None:
         infos = list(infos) if infos is not None else [CompressionInfo.from_tensor(t, key=i)
                                                        for i, t in enumerate(tensors)]
         # one joined tensor per dtype, device and role: weights and AdamW's moments (~1e-8) are not scaled as one
         small: dict[tuple[torch.dtype, torch.device, TensorRole], list[int]] = {}
         if isinstance(compression, PACKABLE):
             for i, tensor in enumerate(tensors):
-                if tensor.numel() < part_values:
+                if tensor.numel() * tensor.element_size() < part_size_bytes:
                     small.setdefault((tensor.dtype, tensor.device, infos[i].role), []).append(i)
         groups = [members for members in small.values() if len(members) > 1]
         packed = {i for members in groups for i in members}

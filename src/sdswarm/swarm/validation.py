@@ -459,7 +459,7 @@ class CheckedAveraging(DecentralizedAverager):
         # and the tensors smaller than a part joined into one (round_tensors.py)
         group_id = group_info.group_id if group_id is None else group_id
         sent = RoundTensors(tensors, kwargs.pop("tensor_infos", None), compression=kwargs["compression"],
-                            part_values=kwargs["part_size_bytes"] // 4)  # fp32 values in one part
+                            part_size_bytes=kwargs["part_size_bytes"])
         runner = CheckedAllReduceRunner(
             report=self._refusals, quarantine=self.quarantine, kind=self.refusal_kind, p2p=self._p2p,
             servicer_type=type(self), prefix=self.prefix, tensors=sent.sent, tensor_infos=sent.infos,
