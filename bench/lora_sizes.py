@@ -57,19 +57,28 @@ def sd15_parts(device: str = "meta"):
 def count_sizes() -> tuple[dict[str, list], object]:
     """The trainable tensors of SD 1.5 (UNet + text encoder, on the meta device) for each rank and for the full
     fine-tune; and the LoRA config's swarm settings."""
+    from sdswarm.config import load_config
+
+    config = load_config(ROOT / "configs" / "sd_1-5-lora.yaml")
+    unet, text = sd15_parts()
+    sizes = {"full": [p for m in (unet, text) for p in m.parameters()]}
+    for rank in RANKS:
+        sizes[f"LoRA rank {rank}"] = sd15_adapters(rank)
+    return sizes, config.swarm
+
+
+def sd15_adapters(rank: int) -> list:
+    """The trainable tensors of a LoRA swarm of SD 1.5 (configs/sd_1-5-lora.yaml's targets, UNet + text encoder) at
+    this rank, on the meta device."""
     from sdswarm.config import LoraConfig, load_config
     from sdswarm.model.loading import SDComponents
     from sdswarm.model.lora import add_adapters
 
     config = load_config(ROOT / "configs" / "sd_1-5-lora.yaml")
     unet, text = sd15_parts()
-    sizes = {"full": [p for m in (unet, text) for p in m.parameters()]}
-    for rank in RANKS:
-        unet, text = sd15_parts()
-        components = SDComponents(unet=unet, vae=None, text_encoder=text, tokenizer=None, noise_scheduler=None)
-        settings = LoraConfig(**{**config.train.lora.model_dump(), "rank": rank, "alpha": None})
-        sizes[f"LoRA rank {rank}"] = add_adapters(components, settings, text_encoder=True, seed=0)
-    return sizes, config.swarm
+    components = SDComponents(unet=unet, vae=None, text_encoder=text, tokenizer=None, noise_scheduler=None)
+    settings = LoraConfig(**{**config.train.lora.model_dump(), "rank": rank, "alpha": None})
+    return add_adapters(components, settings, text_encoder=True, seed=0)
 
 
 def lora_checkpoint_bytes(shapes: list[tuple[int, ...]]) -> tuple[int, int]:

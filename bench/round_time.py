@@ -1,12 +1,14 @@
-"""How long one averaging round of the tiny model takes: hivemind's averager against sdswarm's (not a test; prints
-figures). sdswarm's joins the tensors smaller than a part into one (swarm/round_tensors.py); hivemind sends each
-tensor in parts of its own.
+"""How long one averaging round takes: hivemind's averager against sdswarm's (not a test; prints figures).
+sdswarm's joins the tensors smaller than a part into one (swarm/round_tensors.py); hivemind sends each tensor in
+parts of its own.
 
-    .venv/bin/python bench/round_time.py [--peers 3] [--rounds 4]
+    .venv/bin/python bench/round_time.py [--peers 3] [--rounds 4]   # the tiny model's tensors
+    .venv/bin/python bench/round_time.py --lora-rank 8              # a LoRA swarm of SD 1.5 (its adapters' shapes)
 
 One process: each peer is a DHT and an averager (their own processes, as in a node) on 127.0.0.1, all in one group,
-holding tensors of the tiny model's trainable shapes (UNet + text encoder), averaged with scaled fp16 as gradients
-are. Also the same values as one flat tensor, the floor. Compare the ratios of one run, not seconds across runs.
+holding tensors of the tiny model's trainable shapes (UNet + text encoder), or of SD 1.5's LoRA adapters at a rank
+(configs/sd_1-5-lora.yaml's targets), averaged with scaled fp16 as gradients are. Also the same values as one flat
+tensor, the floor. Compare the ratios of one run, not seconds across runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import ScaledFloat16Compression
+from lora_sizes import sd15_adapters  # bench/ is this script's folder
 
 from sdswarm.model.loading import TINY_MODEL_ID, load_components
 from sdswarm.swarm.validation import CheckedDecentralizedAverager
@@ -57,11 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--lora-rank", type=int, help="SD 1.5's LoRA adapters of this rank instead of the tiny model")
     args = parser.parse_args()
-    components = load_components(TINY_MODEL_ID)
-    shapes = [p.shape for p in (*components.unet.parameters(), *components.text_encoder.parameters())]
+    if args.lora_rank is None:
+        name, components = "tiny model", load_components(TINY_MODEL_ID)
+        shapes = [p.shape for p in (*components.unet.parameters(), *components.text_encoder.parameters())]
+    else:
+        name, shapes = f"SD 1.5 LoRA rank {args.lora_rank}", [p.shape for p in sd15_adapters(args.lora_rank)]
     values = sum(shape.numel() for shape in shapes)
-    print(f"tiny model: {len(shapes)} tensors, {values:,} values; {args.peers} peers, {args.rounds} rounds each")
+    print(f"{name}: {len(shapes)} tensors, {values:,} values; {args.peers} peers, {args.rounds} rounds each")
     rows = [("hivemind's averager", DecentralizedAverager, shapes),
             ("sdswarm's averager", CheckedDecentralizedAverager, shapes),
             ("one flat tensor", DecentralizedAverager, [torch.Size([values])])]

@@ -546,8 +546,9 @@ def join_swarm(optimizer: SwarmOptimizer, dht: hivemind.DHT, swarm: SwarmConfig,
     """Before the first step: catch up with a swarm already under way (True), or wait for the first peers."""
     optimizer.tracker.fetched_global_progress_this_epoch.wait(timeout=30)
     if optimizer.tracker.global_epoch > optimizer.local_epoch:
-        log.info("the swarm is at swarm step %d, this peer at %d: downloading the current state from peers",
-                 optimizer.tracker.global_epoch, optimizer.local_epoch)
+        log.info("the swarm is at swarm step %d, this peer at %d: downloading the current state from peers "
+                 "(about %.1f MB)", optimizer.tracker.global_epoch, optimizer.local_epoch,
+                 optimizer.download_bytes / 1e6)
         optimizer.load_state_from_peers()
         log.info("caught up: now at swarm step %d (downloaded the swarm's state: %.3f MB)", optimizer.local_epoch,
                  optimizer.download_bytes / 1e6)

@@ -125,6 +125,11 @@ def test_a_late_joiner_catches_up_and_a_killed_peer_does_not_stop_the_others(pee
     late.start()
     late.wait_until(lambda: "caught up: now at swarm step" in late.log(), "downloading the state")
     late.wait_until(lambda: "Averaged gradients with 3 peers" in late.log(), "averaging with all three")
+    # what it downloaded, measured, is what every node's start-up estimate says a late joiner downloads
+    estimate = float(re.search(r"a late joiner downloads ([\d.]+) MB", late.log())[1])
+    measured = float(re.search(r"downloaded the state from peer \S+: ([\d.]+) MB in [\d.]+ s \([\d.]+ Mbit/s\)",
+                               late.log())[1])
+    assert 0.8 * estimate <= measured <= 1.2 * estimate, (estimate, measured)
 
     first.signal(signal.SIGKILL)
     step = mother.step()

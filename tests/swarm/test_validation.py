@@ -19,6 +19,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from sdswarm.swarm.catch_up import (
     MAX_STATE_CHANGE,
     UNMEASURED_REFRESH_PERIOD,
+    DownloadProgress,
     PackedTensors,
     TrustedProgressTracker,
     state_problem,
@@ -236,10 +237,24 @@ def test_a_downloaded_state_is_held_compressed_and_decompressed_tensor_by_tensor
     messages = [codec.compress(weights, CompressionInfo.from_tensor(weights, key=0, role=TensorRole.PARAMETER)),
                 codec.compress(moments, CompressionInfo.from_tensor(moments, key=1, role=TensorRole.OPTIMIZER))]
     packed = PackedTensors([m.SerializeToString() for m in messages])
-    assert len(packed) == 2 and sum(map(len, packed.messages)) < 0.5 * 4 * (weights.numel() + moments.numel())
+    assert len(packed) == 2 and packed.num_bytes < 0.5 * 4 * (weights.numel() + moments.numel())
     torch.testing.assert_close(packed[0], weights, atol=2e-3, rtol=1e-3)  # fp16
     assert (packed[1] - moments).abs().max() < 0.02 and packed[1:][0].shape == moments.shape  # 8-bit
     assert state_problem({"epoch": 1}, packed, params=[weights], others=[moments], local_epoch=0, ceiling=2) is None
+
+
+def test_a_state_download_says_how_much_of_it_came_and_how_fast(caplog, monkeypatch):
+    clock = iter([100.0, 130.0, 140.0, 160.0, 200.0, 200.0])  # readings: start, each add, each describe()
+    monkeypatch.setattr("sdswarm.swarm.catch_up.time.monotonic", lambda: next(clock))
+    donor = PeerID.from_base58("QmWHYTcg27gVwMuwLWBeGbUtC4D9hyiz4hAtQ2YjBmzWnC")
+    progress = DownloadProgress(donor, expected=20_000_000, every=30.0)
+    with caplog.at_level("INFO", logger="sdswarm.swarm.catch_up"):
+        progress.add(7_500_000)  # at 30 s: a line
+        progress.add(2_500_000)  # at 40 s: none, 30 s have not passed since the last
+    assert [r.getMessage() for r in caplog.records] == [
+        f"downloading the state from peer {donor}: 7.5 MB of about 20.0 MB (38%) in 30 s, 2.0 Mbit/s"]
+    assert progress.describe() == "10.0 MB of about 20.0 MB (50%) in 60 s, 1.3 Mbit/s"
+    assert DownloadProgress(donor, expected=None).describe().startswith("0.0 MB in ")
 
 
 @pytest.fixture(scope="module")

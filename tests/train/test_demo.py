@@ -1,5 +1,5 @@
-"""`make demo` convinces: its last sample grid shows each prompt's colours, where the untrained model's does not, and
-the shapes it draws are printed.
+"""`make demo` convinces: its last sample grid shows the prompts' colours and at least half of their shapes, where the
+untrained model's shows neither.
 
 This is the demo itself (configs/tiny.yaml, same code path as every run), so it trains for minutes; one test.
 """
@@ -28,7 +28,7 @@ def grid_checks(grid: Image.Image, config) -> list:
 @pytest.mark.timeout(2400)  # 1050 steps of 32: about 7 minutes on 2 cores, ~20 on a busy machine
 @pytest.mark.skipif(not os.environ.get("SDSWARM_DEMO_CHECK"), reason="trains the whole demo (about 7 minutes on 2 "
                     "cores): set SDSWARM_DEMO_CHECK=1 to run it")
-def test_the_demo_grid_shows_the_prompts_colours_and_the_untrained_one_does_not(tmp_path, capsys):
+def test_the_demo_grid_shows_the_prompts_colours_and_shapes_and_the_untrained_one_does_not(tmp_path, capsys):
     config = load_config(ROOT / "configs" / "tiny.yaml", {"output.dir": str(tmp_path),
                                                            "output.checkpoint_every": 100000})
     out = config.output
@@ -47,5 +47,7 @@ def test_the_demo_grid_shows_the_prompts_colours_and_the_untrained_one_does_not(
     after = grid_checks(Image.open(final), config)
     with capsys.disabled():
         print(f"\ndemo grid {final}: {tally(after)}\n  " + "\n  ".join(c.describe() for c in after))
-    # the shapes are printed, not asserted: how many of them the check names right varied from run to run (1 to 3)
     assert most([c.colours_ok for c in after]), [c.describe() for c in after]
+    # half, not most: the check reads a blurred five-pointed star as well as a square (session 24's run: 3 of 4)
+    shapes = [c.colours_ok and c.shape_ok for c in after]
+    assert 2 * sum(shapes) >= len(shapes), [c.describe() for c in after]

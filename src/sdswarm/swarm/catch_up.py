@@ -150,6 +150,30 @@ def forget_throughput(tracker: ProgressTracker) -> None:
 # the longest wait for the next part of a state download: a donor compresses each tensor as it sends it (SD 1.5's
 # largest is 13 M values), on a machine that trains meanwhile; the whole download is bounded by load_state_timeout
 CHUNK_TIMEOUT = 30.0
+PROGRESS_EVERY = 30.0  # seconds between a state download's progress lines (SD 1.5's UNet: minutes at 100 Mbit/s)
+
+
+class DownloadProgress:
+    """What a state download has received, of the bytes expected (swarm/costs.py's estimate), and at what rate."""
+
+    def __init__(self, donor: PeerID, expected: int | None, every: float = PROGRESS_EVERY) -> None:
+        self.donor, self.expected, self.every = donor, expected, every
+        self.received = 0
+        self.started = self.logged = time.monotonic()
+
+    def add(self, num_bytes: int) -> None:
+        self.received += num_bytes
+        now = time.monotonic()
+        if now - self.logged >= self.every:
+            self.logged = now
+            log.info("downloading the state from peer %s: %s", self.donor, self.describe(now))
+
+    def describe(self, now: float | None = None) -> str:
+        seconds = max((time.monotonic() if now is None else now) - self.started, 1e-9)
+        text = f"{self.received / 1e6:.1f} MB"
+        if self.expected:
+            text += f" of about {self.expected / 1e6:.1f} MB ({min(self.received / self.expected, 1.0):.0%})"
+        return f"{text} in {seconds:.0f} s, {self.received * 8 / 1e6 / seconds:.1f} Mbit/s"
 
 
 class CheckedDownloads(DecentralizedAverager):
@@ -158,6 +182,7 @@ class CheckedDownloads(DecentralizedAverager):
 
     def __init__(self, *args, **kwargs) -> None:
         self.epoch_ceiling: Callable[[], int] | None = None  # the swarm step the tracker trusts, plus one
+        self.expected_bytes: int | None = None  # what a download brings (swarm/costs.py), for its progress lines
         self.admitted: Callable[[PeerID], bool] = lambda peer: True  # admission's hook: may this peer be a donor?
         self.on_refused: Callable[[PeerID], None] = lambda peer: None
         self.refused_donors: set[PeerID] = set()
@@ -178,9 +203,11 @@ class CheckedDownloads(DecentralizedAverager):
                 continue
             if state is None:
                 continue
+            seconds, size = time.monotonic() - started, state[1].num_bytes
             problem = self.state_problem(*state)
             if problem is None:
-                log.info("downloaded the state from peer %s in %.1f s", donor, time.monotonic() - started)
+                log.info("downloaded the state from peer %s: %.1f MB in %.1f s (%.1f Mbit/s), checked", donor,
+                         size / 1e6, seconds, size * 8 / 1e6 / max(seconds, 1e-9))
                 return state
             log.warning("refused the state offered by peer %s: %s; this peer keeps its own and tries another peer",
                         donor, problem)
@@ -214,20 +241,24 @@ class CheckedDownloads(DecentralizedAverager):
     def _download_from(self, donor: PeerID, timeout: float | None) -> tuple[Any, PackedTensors] | None:
         future = MPFuture()
         self._outer_pipe.send(("_download_state_from", [], dict(donor=donor.to_bytes(), timeout=timeout,
-                                                                future=future)))
+                                                                expected=self.expected_bytes, future=future)))
         state = future.result(timeout=timeout)
         return None if state is None else (state[0], PackedTensors(state[1]))
 
-    async def _download_state_from(self, donor: bytes, future: MPFuture, timeout: float | None = None) -> None:
+    async def _download_state_from(self, donor: bytes, future: MPFuture, timeout: float | None = None,
+                                   expected: int | None = None) -> None:
         """In the averager's process: one donor's (metadata, tensors as they came: serialized, compressed), or None;
-        as hivemind 1.1.12's DecentralizedAverager._load_state_from_peers does for each donor it tries."""
+        as hivemind 1.1.12's DecentralizedAverager._load_state_from_peers does for each donor it tries, with a
+        progress line every PROGRESS_EVERY seconds."""
         if timeout is not None:  # hivemind's per-chunk wait is the averager's request_timeout (a second or three)
             timeout = max(self.next_chunk_timeout or self.request_timeout, CHUNK_TIMEOUT)
         try:
             stub = self.get_stub(self._p2p, PeerID(donor), namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
             metadata, parts, tensors = None, [], []
+            progress = DownloadProgress(PeerID(donor), expected)
             async for message in aiter_with_timeout(stream, timeout=timeout):
+                progress.add(len(message.tensor_part.buffer))
                 if message.metadata:
                     metadata = self.serializer.loads(message.metadata)
                 if message.tensor_part.dtype and parts:
@@ -254,6 +285,10 @@ class PackedTensors(Sequence[torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.messages)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(message) for message in self.messages)
 
     def __getitem__(self, index):
         if isinstance(index, slice):

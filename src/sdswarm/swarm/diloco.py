@@ -156,6 +156,7 @@ class DiLoCoOptimizer:
             client_mode=client_mode, status_loglevel=loglevel, start=True, gate=gate,
         )
         trust(self.state_averager, self.tracker)
+        self.state_averager.expected_bytes = download_bytes
         self.global_params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
         self.pseudo_gradients = [p.grad for p in self.global_params]  # the outer SGD's .grad: what rounds average
         self.averager = CheckedDecentralizedAverager(

@@ -311,6 +311,7 @@ def make_optimizer(
     _undo_virtual_step(optimizer)
     _skip_gradient_download(optimizer)
     optimizer.download_bytes = costs.download_bytes  # as DiLoCoOptimizer has it: what a late joiner downloads
+    optimizer.state_averager.expected_bytes = costs.download_bytes
     return optimizer
 
 
