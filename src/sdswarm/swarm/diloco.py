@@ -313,8 +313,8 @@ class DiLoCoOptimizer:
         self.steps_since_outer = 0
         seconds = time.perf_counter() - start
         loaded = self.local_epoch > epoch_before or self.tracker.global_epoch <= self.local_epoch
-        log.info("downloaded the swarm's state in %.1f s (%.1f Mbit/s): now at swarm step %d", seconds,
-                 self.download_bytes * 8 / 1e6 / max(seconds, 1e-9), self.local_epoch)
+        # the measured size and rate: swarm/catch_up.py's line for the donor that served it
+        log.info("downloaded the swarm's state in %.1f s: now at swarm step %d", seconds, self.local_epoch)
         return loaded
 
     def _tag_along(self, control: StepControl) -> None:
